@@ -1,0 +1,1 @@
+"""Block-wise algorithms: one short driver, each algorithm a module of free functions."""

@@ -1,0 +1,92 @@
+"""Everything humans read: rich progress bars and tables on stderr. Only the CLI imports rich."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+
+
+def emit(text: str) -> None:
+    """The machine-readable result of a command: the only thing written to stdout."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _metrics_text(metrics: dict) -> str:
+    return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
+
+
+class LayerProgress:
+    """A per-layer progress bar fed by the driver's callbacks; silent when quiet or not a TTY."""
+
+    def __init__(self, title: str, quiet: bool):
+        self.title = title
+        self.enabled = not quiet and err.is_terminal
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+            disable=not self.enabled,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def on_layer(self, event) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(self.title, total=event.total, status="")
+        loss = "" if event.loss is None else f"loss {event.loss:.3g}  "
+        status = f"{event.name}  {loss}{_metrics_text(event.metrics)}  {event.seconds:.1f}s"
+        self.progress.update(self.task, completed=event.index + 1, status=status)
+        if not self.enabled and not self.quiet:
+            err.print(f"{self.title} layer {event.index + 1}/{event.total}: {status}")
+
+    def on_update(self, index: int, **metrics) -> None:
+        if self.task is not None or self.enabled:
+            if self.task is None:
+                self.task = self.progress.add_task(self.title, total=None, status="")
+            self.progress.update(self.task, status=f"layer {index}  {_metrics_text(metrics)}")
+
+
+def layer_table(title: str, layers: list[dict]) -> None:
+    """Summary table of per-layer metrics."""
+    if not layers:
+        return
+    keys = [k for k in layers[0] if not isinstance(layers[0][k], (list, dict))]
+    table = Table(title=title)
+    for key in keys:
+        table.add_column(key, justify="right")
+    for row in layers:
+        table.add_row(*(_fmt(row.get(k, "")) for k in keys))
+    err.print(table)
+
+
+@contextmanager
+def status(text: str, quiet: bool):
+    if quiet or not err.is_terminal:
+        yield
+    else:
+        with err.status(text):
+            yield

@@ -1,0 +1,38 @@
+"""quant calibrate: cut seeded calibration token blocks from a dataset for one model's tokenizer."""
+
+from __future__ import annotations
+
+from quantcli.cli import _options as opt
+from quantcli.cli._console import emit, err, status
+from quantcli.models.load import load_input
+from quantcli.stage import CalibParams, write_calibration
+
+EPILOG = """Examples:
+
+  quant calibrate --dataset builtin -o calib/
+
+  quant calibrate model/ --dataset wikitext2 --nsamples 128 --seqlen 2048 -o calib/
+
+  quant calibrate model/ --dataset ../texts/emma.txt --nsamples 32 --seqlen 512 -o calib/
+"""
+
+
+def calibrate_command(
+    input: opt.InputArg = None,
+    output: opt.Output = ...,
+    dataset: opt.Dataset = "builtin",
+    nsamples: opt.NSamples = 128,
+    seqlen: opt.SeqLen = 2048,
+    seed: opt.Seed = 0,
+    force: opt.Force = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Write a calibration artifact: token blocks [N, L] and where they came from."""
+    source = opt.input_or_stdin(input)
+    with status("loading tokenizer", quiet):
+        loaded = load_input(source, quantized=False)
+    params = CalibParams(dataset, nsamples, seqlen, seed)
+    artifact = write_calibration(loaded, params, output, force)
+    if not quiet:
+        err.print(f"calibration: {nsamples} × {seqlen} tokens from {dataset} (seed {seed})")
+    emit(str(artifact.path))

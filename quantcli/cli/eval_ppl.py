@@ -1,0 +1,64 @@
+"""quant eval-ppl: perplexity of a model or artifact under the GPTQ protocol."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from quantcli.algos.driver import resolve_device
+from quantcli.calib.data import load_texts, tokenize
+from quantcli.cli import _options as opt
+from quantcli.cli._console import emit, err, status
+from quantcli.eval.ppl import perplexity
+from quantcli.models.load import load_input
+
+EPILOG = """Examples:
+
+  quant eval-ppl model/ --dataset wikitext2
+
+  quant awq model/ --w4 --group 128 -o out/ | quant eval-ppl --dataset wikitext2 --json
+
+  quant eval-ppl out/ --dataset ../texts/prideprejudice.txt --seqlen 512 --max-windows 40
+"""
+
+
+def eval_ppl_command(
+    input: opt.InputArg = None,
+    dataset: opt.Dataset = "builtin",
+    seqlen: opt.SeqLen = 2048,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows.", min=1)] = None,
+    device: opt.Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Perplexity on a dataset's test split: joined with "\\n\\n", non-overlapping windows, exp(mean NLL)."""
+    source = opt.input_or_stdin(input)
+    texts = load_texts(dataset, "test")
+    with status("loading model", quiet):
+        loaded = load_input(source, device=str(resolve_device(device)))
+    tokens = tokenize(loaded.tokenizer, texts.joined())
+    with status("evaluating", quiet):
+        result = perplexity(loaded.model, tokens, seqlen, max_windows)
+    record = {
+        **result,
+        "model": source or "default",
+        "kind": loaded.artifact.kind if loaded.artifact else "fp",
+        "spec": loaded.spec.to_dict() if loaded.spec else None,
+        "dataset": texts.source["dataset"],
+        "split": texts.source["split"],
+        "text_sha256": texts.source["sha256"],
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(loaded.model.parameters()).device),
+        "protocol": "gptq: test split joined with \\n\\n, non-overlapping windows, exp(mean window NLL)",
+    }
+    if as_json:
+        emit(json.dumps(record))
+    else:
+        if not quiet:
+            err.print(
+                f"{record['dataset']} ({record['split']}): {record['windows']} windows × {seqlen} tokens, "
+                f"{record['seconds']}s"
+            )
+        emit(f"{record['ppl']:.4f}")

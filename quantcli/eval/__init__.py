@@ -1,0 +1,1 @@
+"""Evaluation: perplexity under the GPTQ protocol."""

@@ -1,0 +1,1 @@
+"""Model plumbing: the architecture table, loading, canonicalisation and materialisation."""

@@ -1,0 +1,68 @@
+"""What a quantization is: bit widths, grouping and symmetry of weights and activations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from quantcli.errors import SpecError
+
+SUPPORTED_WBITS = range(2, 9)
+SUPPORTED_ABITS = (4, 6, 8, 16)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight (and optionally activation) quantization.
+
+    wbits:  2..8 bits per weight.
+    group:  number of consecutive input channels sharing one scale/zero; -1 = one per output row.
+    sym:    symmetric codes (zero fixed at 2**(wbits-1)) or asymmetric (zero learned per group).
+    abits:  16 = weight-only; 4/6/8 = per-token dynamic fake-quant of every linear's input.
+    """
+
+    wbits: int = 4
+    group: int = 128
+    sym: bool = False
+    abits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.wbits not in SUPPORTED_WBITS:
+            raise SpecError(f"--wbits {self.wbits} is not supported: use 2..8 bits")
+        if self.group != -1 and self.group < 1:
+            raise SpecError(f"--group {self.group} is not valid: use a positive group size or -1 for per-channel")
+        if self.abits not in SUPPORTED_ABITS:
+            raise SpecError(f"--abits {self.abits} is not supported: use one of {', '.join(map(str, SUPPORTED_ABITS))}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer code: codes lie in [0, maxq]."""
+        return 2**self.wbits - 1
+
+    @property
+    def weight_only(self) -> bool:
+        return self.abits >= 16
+
+    def group_for(self, in_features: int) -> int:
+        """The group size for a linear with ``in_features`` inputs (per-channel → the whole row)."""
+        return in_features if self.group == -1 else self.group
+
+    def check_divides(self, in_features: int, where: str) -> None:
+        """Refuse a group size that does not divide a linear's input dimension."""
+        if self.group != -1 and in_features % self.group:
+            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            hint = f"try --group {divisors[-1]}" if divisors else "use --group -1 (per channel)"
+            raise SpecError(
+                f"--group {self.group} does not divide the input dimension {in_features} of {where}: {hint}"
+            )
+
+    def label(self) -> str:
+        g = "c" if self.group == -1 else str(self.group)
+        act = "" if self.weight_only else f"a{self.abits}"
+        return f"w{self.wbits}{act}g{g}{'' if not self.sym else 's'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        return cls(**{k: data[k] for k in ("wbits", "group", "sym", "abits") if k in data})
