@@ -373,7 +373,7 @@ def test_read_packed_refuses_non_packed(tmp_path):
 
 def _ct_reference_compress(qw: QuantizedWeight, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """compressed-tensors' own compressor on the dequantized weight and our scale/zero."""
-    ct = pytest.importorskip("compressed_tensors")
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -406,6 +406,7 @@ def test_tensors_match_compressed_tensors_compressor(spec):
         assert ours[key].dtype == ref[key].dtype and torch.equal(ours[key], ref[key]), key
 
 
+@pytest.mark.filterwarnings("ignore:You passed .quantization_config.")
 @pytest.mark.parametrize("sym,tie", [(True, True), (False, False)])
 def test_compressed_tensors_loads_in_transformers(tmp_path, sym, tie):
     ct = pytest.importorskip("compressed_tensors")

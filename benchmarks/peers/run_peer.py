@@ -65,7 +65,7 @@ def run_llmcompressor_awq(a, calib, windows):
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
             max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
     seconds = time.time() - t0
-    ppl = perplexity(model.float(), windows)
+    ppl = perplexity(model, windows)
     notes = ("AWQModifier + QuantizationModifier (group strategy, int, default observer); evaluated with the "
              "in-memory compressed-tensors fake-quant forward (weights quantize-dequantized on each forward), fp32; "
              "IntermediatesCache.pin_memory made a no-op on CPU (CUDA-only bug in the peer)")
@@ -73,24 +73,42 @@ def run_llmcompressor_awq(a, calib, windows):
 
 
 def run_gptqmodel_gptq(a, calib, windows):
+    # GPTQModel sizes its CPU pool as (cores+1)//2 but asks for a 2-worker loader sub-pool, so on
+    # a 2-core machine quantize() fails: "Virtual pool 'model_loader:cpu' requests 2 workers but
+    # parent 'cpu' only has 1". Its own env override fixes it.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from transformers import AutoModelForCausalLM
 
     qcfg = QuantizeConfig(bits=a.wbits, group_size=a.group, sym=a.sym, device="cpu")
-    model = GPTQModel.load(a.model, qcfg, dtype=torch.float32, device="cpu")
+    model = GPTQModel.load(a.model, qcfg, dtype=torch.float32)
     data = [{"input_ids": row.view(1, -1), "attention_mask": torch.ones(1, row.numel(), dtype=torch.long)} for row in calib]
     t0 = time.time()
     model.quantize(data, batch_size=1)
     seconds = time.time() - t0
-    with tempfile.TemporaryDirectory() as saved:
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = a.keep or tmp
         model.save(saved)
-        qcfg_used = json.load(open(os.path.join(saved, "quantize_config.json")))
         del model
-        qmodel = GPTQModel.load(saved, backend=BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float32)
-        ppl = perplexity(qmodel.model, windows)
+        qcfg_used = json.load(open(os.path.join(saved, "quantize_config.json")))
+        # The torch kernel refuses float32 ("only supports [float16, bfloat16]"), so load the saved
+        # checkpoint with it in float16 (its scales are stored as float16 anyway), dequantize each
+        # layer with the peer's own unpacking, in float32, into the fp32 model and evaluate that.
+        qmodel = GPTQModel.load(saved, backend=BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float16)
+        fp = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        linears = dict(fp.named_modules())
+        count = 0
+        for name, m in qmodel.model.named_modules():
+            if hasattr(m, "dequantize_weight") and hasattr(m, "qweight"):
+                m.scales = m.scales.float()
+                linears[name].weight.data.copy_(m.dequantize_weight().T)
+                count += 1
+        ppl = perplexity(fp, windows)
     meta = qcfg_used.get("meta", {})
-    notes = (f"saved GPTQ checkpoint reloaded with BACKEND.GPTQ_TORCH (dequantizes packed int weights) on CPU, fp32 "
-             f"activations; desc_act={qcfg_used.get('desc_act')} damp_percent={meta.get('damp_percent')} "
-             f"act_group_aware={meta.get('act_group_aware')} true_sequential={meta.get('true_sequential')}")
+    notes = (f"{count} layers dequantized (peer's TorchLinear.dequantize_weight, float32) from the saved GPTQ "
+             f"checkpoint into the fp32 model; desc_act={qcfg_used.get('desc_act')} "
+             f"damp_percent={meta.get('damp_percent')} act_group_aware={meta.get('act_group_aware')} "
+             f"true_sequential={meta.get('true_sequential')}")
     return "gptqmodel " + importlib.metadata.version("gptqmodel"), seconds, ppl, notes
 
 
@@ -109,6 +127,7 @@ def main() -> None:
     p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
     p.set_defaults(sym=False)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--keep", default=None, help="gptqmodel: keep the saved quantized checkpoint in this directory")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     if a.threads:

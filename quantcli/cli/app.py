@@ -51,11 +51,17 @@ def one_line_errors(func):
 
 
 def _register() -> None:
-    from quantcli.cli import calibrate, eval_ppl, rtn
+    from quantcli.cli import awq, calibrate, eval_ppl, pack, rtn
+    from quantcli.cli import omniquant
+    from quantcli.cli import gptq
 
     commands = [
         ("calibrate", calibrate.calibrate_command, calibrate.EPILOG),
         ("rtn", rtn.rtn_command, rtn.EPILOG),
+        ("awq", awq.awq_command, awq.EPILOG),
+        ("gptq", gptq.gptq_command, gptq.EPILOG),
+        ("omniquant", omniquant.omniquant_command, omniquant.EPILOG),
+        ("pack", pack.pack_command, pack.EPILOG),
         ("eval-ppl", eval_ppl.eval_ppl_command, eval_ppl.EPILOG),
     ]
     for name, func, epilog in commands:

@@ -100,3 +100,12 @@ def hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
             for key, value in module.fused().items():
                 state[f"{prefix}{key}"] = value
     return state
+
+
+def strip_norm_offsets(model: nn.Module) -> None:
+    """Put offset norms back in their original ``w`` form (before saving; the model then computes
+    ``norm(x)·w`` with the original ``w``, so use it only to save)."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm) and module.offset:
+            module.weight.data -= module.offset
+            module.offset = 0.0

@@ -39,6 +39,11 @@ def _quiet_hub() -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 # --------------------------------------------------------------------------- base models
@@ -134,6 +139,7 @@ def base_ref(model_dir: Path, source: str) -> BaseModelRef:
 def load_base(model_dir: Path) -> tuple[nn.Module, object]:
     """Load a float32 HF causal LM and its tokenizer from a directory, canonicalised, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_hub()
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)

@@ -15,6 +15,12 @@ compressed-tensors ``pack-quantized`` (weight-only, or int weights below 8 bits 
     ``weight_shape``   int64 ``[2]`` = ``(out, in)``
     Codes and zeros are stored unsigned, i.e. compressed-tensors' signed value plus ``2**(b-1)``;
     symmetric weights have no zero tensor (signed zero point 0, i.e. our ``zero = 2**(b-1)``).
+    2/4/8 bits have the same layout in every compressed-tensors release; 3/5/6/7 bits use the
+    dense layout of current releases (checked against 0.20.0), which older releases, packing
+    ``32 // b`` codes per word, do not read. Our tensors equal compressed-tensors' own compressor's
+    bit for bit; still, transformers (5.23 with compressed-tensors 0.20) loads the asymmetric variant
+    only with ``quantization_config=CompressedTensorsConfig(dequantize=True)``: its compressed
+    layout expects an unpacked zero point (a known upstream limitation, llm-compressor#1618).
 compressed-tensors ``int-quantized`` (W8A8: 8-bit weights, per-token dynamic int activations)
     ``weight`` int8 ``[out, in]`` = code − 128, ``weight_scale`` float32 ``[out, G]``,
     ``weight_zero_point`` int8 ``[out, G]`` = zero − 128 (asymmetric only).
@@ -352,12 +358,11 @@ def unpack_gptq(tensors: dict[str, Tensor], quantization_config: dict) -> dict[s
         zero = unpack_int32(tensors[f"{name}.qzeros"], bits, out_f, dim=1).t().float() + zero_offset
         scale = scales.t().float().contiguous()
         group = in_f // scale.shape[1]
-        qw = QuantizedWeight(codes, scale, zero.contiguous(), group=group, g_idx=tensors.get(f"{name}.g_idx"))
-        if qw.g_idx is not None and not has_act_order(qw):
-            qw.g_idx = None
-        elif qw.g_idx is not None:
-            qw.g_idx = qw.g_idx.to(torch.int32)
-        quantized[name] = qw
+        g_idx = tensors.get(f"{name}.g_idx")
+        if g_idx is not None and torch.equal(g_idx.long(), torch.arange(in_f) // group):
+            g_idx = None  # static groups: quantcli's convention is no g_idx
+        g_idx = None if g_idx is None else g_idx.to(torch.int32)
+        quantized[name] = QuantizedWeight(codes, scale, zero.contiguous(), group=group, g_idx=g_idx)
     return quantized
 
 

@@ -1,0 +1,406 @@
+"""Run quantized linears through real low-bit matmul kernels (not dequantize-then-matmul).
+
+Kernels used, all from ATen (no extra dependency):
+
+* ``int4``  CPU : ``aten._convert_weight_to_int4pack_for_cpu`` + ``aten._weight_int4pack_mm_for_cpu``
+            CUDA: ``aten._convert_weight_to_int4pack`` + ``aten._weight_int4pack_mm`` (bf16, sm80+)
+  Both compute ``w = scale·(q − 8) + offset`` per ``(row, group)`` with group sizes 32/64/128/256.
+  Our codes mean ``w = (q − zero)·scale``, so ``offset = (8 − zero)·scale`` (verified by the tests).
+  Any codes in ``[0, 15]`` go through exactly: 2-, 3- and 4-bit weights alike.
+* ``int8``  CPU and CUDA: ``aten._weight_int8pack_mm(x, w_int8[N, K], scale[N])`` = ``x @ (scale·w)ᵀ``.
+  Per-channel only (one scale per output row), ``K`` a multiple of 16. ``w = (q − zero)·scale`` is stored as
+  ``int8 = q − zero`` when that fits in ``[−128, 127]``; otherwise (8-bit asymmetric) as
+  ``int8 = q − 128`` plus a per-row correction ``(128 − zero)·scale·Σx``.
+* ``dequant-fp`` : a plain ``nn.Linear`` holding the dequantized weight, used for a layer no kernel
+  can take; :class:`KernelReport` says which layers and why.
+
+Activations are cast to bf16 for the kernels (the CPU int4 kernel is many times slower on fp32
+activations) and the output is cast back to the input dtype. After swapping, move a model with
+``model.to(device)`` only: ``model.to(dtype)`` would cast the kernels' bf16 scale buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from quantcli.quant.affine import QuantizedWeight
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernels accept
+KERNEL_DTYPE = torch.bfloat16  # activation dtype fed to the kernels
+VERIFY_TOL = 5e-2  # relative error of a kernel vs the dequantized weight above which we fall back
+
+INT4_CPU = "aten._weight_int4pack_mm_for_cpu"
+INT4_CUDA = "aten._weight_int4pack_mm"
+INT8 = "aten._weight_int8pack_mm"
+DEQUANT = "dequant-fp"
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers (pure tensor functions)
+# --------------------------------------------------------------------------------------------
+
+
+def code_bits(qw: QuantizedWeight) -> int:
+    """Bits the codes actually use: ``max(codes).bit_length()`` (at least 1)."""
+    return max(1, int(qw.codes.max()).bit_length())
+
+
+def static_group_order(qw: QuantizedWeight) -> tuple[Tensor | None, str]:
+    """Input-column permutation that turns ``g_idx`` into contiguous groups.
+
+    Returns ``(perm, "")`` with ``perm: int64 [in]`` (None when columns are already in group
+    order) so that ``codes[:, perm]`` has column ``j`` in group ``j // group``; or ``(None, reason)``
+    when the groups are not all ``group`` columns wide.
+    """
+    if qw.g_idx is None:
+        return None, ""
+    in_features = qw.codes.shape[1]
+    g_idx = qw.g_idx.long().cpu()
+    expected = torch.arange(in_features) // qw.group
+    if torch.equal(g_idx, expected):
+        return None, ""
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm], expected):
+        return None, "g_idx groups are not all the same width"
+    return perm, ""
+
+
+def kernel_group(group: int, in_features: int) -> int | None:
+    """Group size for the int4 kernel that represents our ``group`` exactly, or None.
+
+    A supported size is used as is; a multiple of one (e.g. 512, or per-channel ``group == in``)
+    repeats each scale ``group // G`` times with the largest supported ``G`` dividing it.
+    """
+    if in_features % group:
+        return None
+    for g in sorted(INT4_GROUPS, reverse=True):
+        if group % g == 0:
+            return g
+    return None
+
+
+def int4_scale_and_zero(qw: QuantizedWeight, kgroup: int, dtype: torch.dtype) -> Tensor:
+    """The kernels' ``scale_and_zero: [K / kgroup, N, 2]`` (``[..., 0]`` scale, ``[..., 1]`` offset).
+
+    ``offset = (8 − zero)·scale`` so that ``scale·(q − 8) + offset == (q − zero)·scale``.
+    """
+    repeat = qw.group // kgroup
+    scale = qw.scale.float().repeat_interleave(repeat, dim=1)  # [N, K / kgroup]
+    offset = (8.0 - qw.zero.float().repeat_interleave(repeat, dim=1)) * scale
+    return torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def int4_unsupported(qw: QuantizedWeight, device: str | torch.device) -> str:
+    """Why the int4 kernel cannot take ``qw`` on ``device`` ("" when it can)."""
+    device = _device(device)
+    out_features, in_features = qw.codes.shape
+    if int(qw.codes.max()) > 15:
+        return f"{code_bits(qw)}-bit codes do not fit the int4 kernel"
+    if kernel_group(qw.group, in_features) is None:
+        return f"group {qw.group} is not a multiple of {'/'.join(map(str, INT4_GROUPS))}"
+    _, why = static_group_order(qw)
+    if why:
+        return why
+    if device.type == "cpu":
+        if out_features % 16:
+            return f"out_features {out_features} is not a multiple of 16"
+        return ""
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "the CUDA int4 kernel needs compute capability 8.0+"
+        if out_features % 8:
+            return f"out_features {out_features} is not a multiple of 8"
+        if in_features % 32:
+            return f"in_features {in_features} is not a multiple of 32"
+        return ""
+    return f"no int4 kernel on {device.type}"
+
+
+def int8_unsupported(qw: QuantizedWeight, device: str | torch.device) -> str:
+    """Why the int8 kernel cannot take ``qw`` on ``device`` ("" when it can)."""
+    device = _device(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"no int8 kernel on {device.type}"
+    if qw.scale.shape[1] != 1:
+        return f"group {qw.group} < in_features: the int8 kernel takes one scale per output channel"
+    if qw.codes.shape[1] % 16:
+        # torch 2.13's CPU kernel reads out of bounds (garbage or a segfault) otherwise
+        return f"in_features {qw.codes.shape[1]} is not a multiple of 16"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel modules
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten(x: Tensor, perm: Tensor | None) -> Tensor:
+    """``[..., K]`` → ``[M, K]`` in the kernel dtype, columns permuted when ``perm`` is set."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    return x2.to(KERNEL_DTYPE)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """``y = x @ wᵀ + b`` with ``w`` held as packed 4-bit codes and bf16 (scale, offset) per group.
+
+    Buffers: ``packed`` (CPU: uint8 ``[N, K/2]``; CUDA: the tinygemm int32 tile layout),
+    ``scale_and_zero`` bf16 ``[K/G, N, 2]``, optional ``perm`` int64 ``[K]`` (act-order ``g_idx``)
+    and ``bias`` ``[N]``. Input ``[..., K]`` of any float dtype, output ``[..., N]`` of the same.
+    """
+
+    def __init__(
+        self,
+        packed: Tensor,
+        scale_and_zero: Tensor,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        bias: Tensor | None = None,
+        perm: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_and_zero", scale_and_zero)
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", bias)
+        self.kernel = INT4_CPU if packed.device.type == "cpu" else INT4_CUDA
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: Tensor | None = None, device: str | torch.device = "cpu"
+    ) -> "Int4WeightOnlyLinear":
+        """Pack ``qw`` (codes in ``[0, 15]``) for the int4 kernel of ``device``."""
+        device = _device(device)
+        why = int4_unsupported(qw, device)
+        if why:
+            raise ValueError(f"int4 kernel cannot take this weight: {why}")
+        out_features, in_features = qw.codes.shape
+        perm, _ = static_group_order(qw)
+        codes = qw.codes if perm is None else qw.codes[:, perm.to(qw.codes.device)]
+        kgroup = kernel_group(qw.group, in_features)
+        if device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.cpu().to(torch.int32).contiguous(), 1)
+        else:
+            q = codes.to(device=device, dtype=torch.uint8)
+            q = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [N, K/2], even column in the high nibble
+            inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(q, inner_k_tiles)
+        return cls(
+            packed.to(device),
+            int4_scale_and_zero(qw, kgroup, KERNEL_DTYPE).to(device),
+            kgroup,
+            in_features,
+            out_features,
+            bias=None if bias is None else bias.detach().to(device),
+            perm=None if perm is None else perm.to(device),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = _flatten(x, self.perm)
+        if self.packed.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_and_zero)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_and_zero)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}"
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``y = x @ wᵀ + b`` with ``w = scale[n]·int8[n, k] (+ row_offset[n])``.
+
+    Buffers: ``weight`` int8 ``[N, K]``, ``scale`` bf16 ``[N]``, optional ``row_offset`` float32
+    ``[N]`` (added as ``row_offset·Σ_k x_k`` when the codes needed a shift of 128), ``bias`` ``[N]``.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        scale: Tensor,
+        bias: Tensor | None = None,
+        row_offset: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("row_offset", row_offset)
+        self.register_buffer("bias", bias)
+        self.kernel = INT8
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: Tensor | None = None, device: str | torch.device = "cpu"
+    ) -> "Int8WeightOnlyLinear":
+        """Store per-channel ``qw`` as int8 codes centred on its zero point (exact for ≤ 8 bits)."""
+        device = _device(device)
+        why = int8_unsupported(qw, device)
+        if why:
+            raise ValueError(f"int8 kernel cannot take this weight: {why}")
+        scale = qw.scale.float()[:, 0]  # [N]
+        zero = qw.zero.float()[:, 0]
+        signed = qw.codes.to(torch.int32) - zero.round().to(torch.int32)[:, None]
+        row_offset = None
+        if signed.min() < -128 or signed.max() > 127:
+            signed = qw.codes.to(torch.int32) - 128
+            row_offset = ((128.0 - zero) * scale).to(device)
+        return cls(
+            signed.to(torch.int8).contiguous().to(device),
+            scale.to(device=device, dtype=KERNEL_DTYPE),
+            bias=None if bias is None else bias.detach().to(device),
+            row_offset=row_offset,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = _flatten(x, None)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
+        if self.row_offset is not None:
+            y = y.float() + x2.float().sum(dim=1, keepdim=True) * self.row_offset
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        shifted = ", shifted" if self.row_offset is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}{shifted}"
+
+
+def dequantized_linear(
+    qw: QuantizedWeight, bias: Tensor | None, device: str | torch.device, dtype: torch.dtype
+) -> nn.Linear:
+    """Fallback: an ``nn.Linear`` holding ``qw.dequantize()`` in ``dtype`` (``[out, in]``)."""
+    out_features, in_features = qw.codes.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(qw.dequantize().to(device=device, dtype=dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+    return linear
+
+
+# --------------------------------------------------------------------------------------------
+# Swapping kernels into a model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerKernel:
+    """What one quantized linear runs on: ``kernel`` (op name or ``dequant-fp``), and why not better."""
+
+    kernel: str
+    bits: int
+    group: int
+    reason: str = ""  # non-empty when a faster kernel was refused (always for dequant-fp)
+
+
+@dataclass
+class KernelReport:
+    """Per-layer kernel choice after :func:`swap_in_kernels`; ``layers`` keeps the model's order."""
+
+    device: str
+    layers: dict[str, LayerKernel] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Number of layers per kernel, e.g. ``{"aten._weight_int4pack_mm_for_cpu": 210}``."""
+        out: dict[str, int] = {}
+        for layer in self.layers.values():
+            out[layer.kernel] = out.get(layer.kernel, 0) + 1
+        return out
+
+    def fallbacks(self) -> dict[str, str]:
+        """Layers that run dequantized, with the reason each kernel refused them."""
+        return {name: lk.reason for name, lk in self.layers.items() if lk.kernel == DEQUANT}
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "counts": self.counts(),
+            "fallbacks": self.fallbacks(),
+            "layers": {name: asdict(lk) for name, lk in self.layers.items()},
+        }
+
+
+def _verify(module: nn.Module, qw: QuantizedWeight, bias: Tensor | None, device: torch.device) -> str:
+    """Compare ``module`` on two random rows with the dequantized weight; "" when they agree."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, qw.codes.shape[1], generator=gen).to(device)
+    ref = x @ qw.dequantize().to(device).t()
+    if bias is not None:
+        ref = ref + bias.detach().float().to(device)
+    try:
+        y = module(x).float()
+    except RuntimeError as err:  # the op refused this shape/dtype on this build
+        return str(err).splitlines()[0]
+    rel = float((y - ref).norm() / ref.norm().clamp(min=1e-12))
+    if not rel <= VERIFY_TOL:
+        return f"output differs from the dequantized weight (relative error {rel:.3g})"
+    return ""
+
+
+def build_kernel(
+    qw: QuantizedWeight,
+    bias: Tensor | None,
+    device: str | torch.device,
+    fallback_dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> tuple[nn.Module, LayerKernel]:
+    """The best module for one quantized weight: int4, else int8, else dequantized fp."""
+    device = _device(device)
+    bits = code_bits(qw)
+    reasons = []
+    for name, cls, unsupported in (
+        ("int4", Int4WeightOnlyLinear, int4_unsupported),
+        ("int8", Int8WeightOnlyLinear, int8_unsupported),
+    ):
+        why = unsupported(qw, device)
+        if not why:
+            try:
+                module = cls.from_quantized(qw, bias, device)
+            except RuntimeError as err:
+                why = str(err).splitlines()[0]
+            else:
+                why = _verify(module, qw, bias, device) if verify else ""
+                if not why:
+                    return module, LayerKernel(module.kernel, bits, qw.group, "; ".join(reasons))
+        reasons.append(f"{name}: {why}")
+    module = dequantized_linear(qw, bias, device, fallback_dtype)
+    return module, LayerKernel(DEQUANT, bits, qw.group, "; ".join(reasons))
+
+
+def swap_in_kernels(
+    model: nn.Module,
+    quantized: dict[str, QuantizedWeight],
+    device: str | torch.device,
+    verify: bool = True,
+) -> KernelReport:
+    """Replace each quantized ``nn.Linear`` of ``model`` (by module name) with a kernel module.
+
+    Every layer gets the best kernel that represents its codes exactly (int4, then int8) or a
+    dequantized ``nn.Linear`` in the layer's own dtype; with ``verify`` each choice is checked
+    against the dequantized weight on random inputs and falls back on failure. The model is
+    changed in place; move its other parts with ``model.to(device)`` (never ``.to(dtype)``).
+    """
+    device = _device(device)
+    report = KernelReport(device=str(device))
+    for name, qw in quantized.items():
+        linear = model.get_submodule(name)
+        weight = getattr(linear, "weight", None)
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        module, choice = build_kernel(qw, getattr(linear, "bias", None), device, dtype, verify)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+        report.layers[name] = choice
+    return report

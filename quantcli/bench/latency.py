@@ -1,0 +1,221 @@
+"""Latency and memory measurements of a causal LM: prefill, greedy decode, weights, KV-cache room.
+
+Everything here takes a model and plain numbers and returns plain dicts/ints; progress goes
+through an optional ``progress(message)`` callback. No rich, no files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+Progress = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and memory
+# --------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (packed kernel buffers included).
+
+    Tensors sharing storage (tied embeddings) are counted once.
+    """
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``getrusage``; kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size (psutil when present, else /proc/self/statm, else the peak)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free now on ``device``: GPU ``mem_get_info`` free, or the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this run: max allocated on a GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of KV cache per token: ``layers × kv_heads × head_dim × 2 (K and V) × dtype size``."""
+    cfg = _text_config(config)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_hidden_layers * kv_heads * head_dim * 2 * itemsize
+
+
+def kv_cache_capacity(config, budget_bytes: int, dtype: torch.dtype) -> int:
+    """Tokens of KV cache (summed over the batch) that fit in ``budget_bytes`` (full attention)."""
+    return max(0, int(budget_bytes)) // kv_bytes_per_token(config, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill and decode
+# --------------------------------------------------------------------------------------------
+
+
+def _summary(values: list[float], prefix: str) -> dict:
+    """``{prefix}: median, {prefix}_min, _max, _std`` of ``values`` (seconds → milliseconds)."""
+    ms = [v * 1e3 for v in values]
+    return {
+        prefix: statistics.median(ms),
+        f"{prefix}_min": min(ms),
+        f"{prefix}_max": max(ms),
+        f"{prefix}_std": statistics.stdev(ms) if len(ms) > 1 else 0.0,
+    }
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    """Ask only for the last position's logits when the model supports it (as ``generate`` does)."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def generate_once(
+    model: nn.Module, ids: torch.Tensor, gen: int, device: torch.device
+) -> tuple[float, list[float]]:
+    """Greedy-decode ``gen`` tokens after prompt ``ids: [batch, L]`` with the model's KV cache.
+
+    Returns ``(prefill_seconds, [seconds of each decode step])``; the prefill time includes
+    picking the first token (time to first token).
+    """
+    extra = _forward_kwargs(model)
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, **extra)
+    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    synchronize(device)
+    prefill = time.perf_counter() - t0
+    cache = out.past_key_values
+    steps = []
+    for _ in range(gen):
+        t0 = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        synchronize(device)
+        steps.append(time.perf_counter() - t0)
+        cache = out.past_key_values
+    return prefill, steps
+
+
+def measure_prefill_decode(
+    model: nn.Module,
+    prompt_lens: list[int],
+    gen: int,
+    batch: int,
+    reps: int,
+    warmup: int,
+    device: str | torch.device,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Time prefill and greedy decode for each prompt length on synthetic token ids.
+
+    For each ``L`` in ``prompt_lens``: ids ``[batch, L]`` drawn with ``seed``; ``warmup`` untimed
+    runs (prefill + a few decode steps), then ``reps`` timed runs of prefill + ``gen`` decode steps.
+    Returns one dict per length: ``prefill_ms`` (median time to first token) with ``_min/_max/_std``
+    over reps, ``prefill_tok_s`` (``batch·L`` / median prefill), ``decode_ms`` (median over reps of
+    the mean per-step latency) with ``_min/_max/_std``, ``decode_tok_s`` (``batch`` / median step),
+    and ``peak_mem_bytes`` (GPU max allocated, or process peak RSS on CPU).
+    """
+    device = torch.device(device)
+    vocab = _text_config(model.config).vocab_size
+    rows = []
+    for length in prompt_lens:
+        gen_ids = torch.Generator().manual_seed(seed + length)
+        ids = torch.randint(0, vocab, (batch, length), generator=gen_ids).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        prefills, decodes = [], []
+        with torch.inference_mode():
+            for i in range(warmup):
+                if progress:
+                    progress(f"prompt {length}: warm-up {i + 1}/{warmup}")
+                generate_once(model, ids, min(gen, 4), device)
+            for i in range(reps):
+                if progress:
+                    progress(f"prompt {length}: rep {i + 1}/{reps}")
+                prefill, steps = generate_once(model, ids, gen, device)
+                prefills.append(prefill)
+                if steps:
+                    decodes.append(sum(steps) / len(steps))
+        row = {"prompt_len": length, "batch": batch, "gen": gen, "reps": reps, "warmup": warmup}
+        row.update(_summary(prefills, "prefill_ms"))
+        row["prefill_tok_s"] = batch * length / (row["prefill_ms"] / 1e3)
+        if decodes:
+            row.update(_summary(decodes, "decode_ms"))
+            row["decode_tok_s"] = batch / (row["decode_ms"] / 1e3)
+        row["peak_mem_bytes"] = peak_memory_bytes(device)
+        rows.append(row)
+    return rows

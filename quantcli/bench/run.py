@@ -1,0 +1,208 @@
+"""The core of ``quant bench``: swap real kernels into a loaded model, time it, size it, compare it.
+
+``run_bench(loaded, params, progress)`` returns one JSON-able dict; the CLI only prints it.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from quantcli.bench.kernels import swap_in_kernels
+from quantcli.bench.latency import (
+    Progress,
+    free_memory_bytes,
+    kv_bytes_per_token,
+    kv_cache_capacity,
+    measure_prefill_decode,
+    peak_memory_bytes,
+    weight_bytes,
+)
+from quantcli.errors import InputError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    """What ``quant bench`` measures.
+
+    dtype:    dtype of everything that is not a quantized linear (embeddings, norms, attention,
+              lm_head, KV cache) and of fallback linears: fp32/bf16/fp16, or auto (bf16 on CUDA
+              and on CPUs with native bf16, else fp32). The int4/int8 kernels take bf16 inside.
+    baseline: None, or fp32/bf16/fp16: also time the unquantized base model in that dtype.
+    memory_budget: bytes for weights + KV cache in the capacity estimate (None: free memory + weights).
+    threads:  CPU threads for torch (None: torch's default, one per core).
+    """
+
+    prompt_lens: tuple[int, ...] = (100, 1000, 2000, 4000)
+    gen: int = 64
+    batch: int = 1
+    reps: int = 3
+    warmup: int = 1
+    device: str = "cpu"
+    dtype: str = "auto"
+    memory_budget: int | None = None
+    baseline: str | None = None
+    threads: int | None = None
+    seed: int = 0
+
+
+def parse_bytes(text: str) -> int:
+    """``"8GiB"``, ``"500MB"``, ``"2e9"`` → bytes; a bad value is an InputError."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise InputError(f"--memory-budget {text!r}: not a size; write e.g. 8GiB, 500MB or a number of bytes")
+    try:
+        return int(float(m.group(1)) * _UNITS[unit])
+    except ValueError:
+        raise InputError(f"--memory-budget {text!r}: not a size; write e.g. 8GiB, 500MB or a number of bytes") from None
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16, else fp32; or fp32/bf16/fp16 as named."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" or native_bf16_cpu() else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def check_context(model: nn.Module, params: BenchParams) -> None:
+    """Refuse prompt lengths (plus generated tokens) beyond the model's context window."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    too_long = [n for n in params.prompt_lens if limit and n + params.gen > limit]
+    if too_long:
+        raise InputError(
+            f"--prompt-lens {','.join(map(str, too_long))} plus --gen {params.gen} exceed the model's "
+            f"context of {limit} tokens; use shorter prompts"
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def bench_model(
+    model: nn.Module, params: BenchParams, dtype: torch.dtype, budget: int, progress: Progress | None, label: str
+) -> dict:
+    """Latency rows, weight bytes, peak memory and KV-cache room of a model already on its device.
+
+    ``budget`` is the memory for weights + KV cache; the KV cache gets what the weights leave.
+    """
+    device = torch.device(params.device)
+    rows = measure_prefill_decode(
+        model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
+        seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
+    )
+    weights = weight_bytes(model)
+    return {
+        "dtype": _dtype_name(dtype),
+        "weight_bytes": weights,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "kv_cache": {
+            "dtype": _dtype_name(dtype),
+            "bytes_per_token": kv_bytes_per_token(model.config, dtype),
+            "memory_budget_bytes": budget,
+            "capacity_tokens": kv_cache_capacity(model.config, budget - weights, dtype),
+        },
+        "results": rows,
+    }
+
+
+def _ratios(quant: dict, base: dict) -> dict:
+    """Baseline / quantized time ratios (> 1 means the quantized model is faster)."""
+    per_len = []
+    for q, b in zip(quant["results"], base["results"]):
+        row = {"prompt_len": q["prompt_len"], "prefill_speedup": b["prefill_ms"] / q["prefill_ms"]}
+        if "decode_ms" in q and "decode_ms" in b:
+            row["decode_speedup"] = b["decode_ms"] / q["decode_ms"]
+        per_len.append(row)
+    return {
+        "weight_bytes_ratio": quant["weight_bytes"] / base["weight_bytes"],
+        "kv_capacity_ratio": quant["kv_cache"]["capacity_tokens"] / max(1, base["kv_cache"]["capacity_tokens"]),
+        "per_prompt_len": per_len,
+    }
+
+
+def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> dict:
+    """Bench ``loaded`` (a :class:`quantcli.models.load.Loaded`, model on CPU) on ``params.device``.
+
+    Quantized linears are swapped for the best real kernel (see :mod:`quantcli.bench.kernels`);
+    the rest of the model runs in ``params.dtype``. With ``params.baseline`` the unquantized base
+    model is then loaded and timed in the same process. The KV-cache capacity of both is what the
+    same memory budget (``--memory-budget``, else free memory + this model's weights) leaves after
+    the weights. Peak memory on CPU is the process's
+    lifetime peak RSS, so the baseline's figure includes the quantized run.
+    """
+    device = torch.device(params.device)
+    dtype = resolve_dtype(params.dtype, device)
+    if params.threads is not None:
+        torch.set_num_threads(params.threads)
+    model = loaded.model
+    check_context(model, params)
+    notes = []
+    model.to(dtype)  # before the swap: .to(dtype) would cast the kernels' bf16 scale buffers
+    report = None
+    if loaded.quantized:
+        if progress:
+            progress(f"swapping in kernels for {len(loaded.quantized)} quantized linears")
+        report = swap_in_kernels(model, loaded.quantized, device)
+        if loaded.spec is not None and not loaded.spec.weight_only:
+            notes.append(
+                f"activation fake-quant (abits {loaded.spec.abits}) has no real kernel here: measured weight-only"
+            )
+        gc.collect()
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if params.memory_budget is not None:
+        budget, budget_source = params.memory_budget, "--memory-budget"
+    else:  # what this model could use on its own: its weights plus the device's free memory
+        budget, budget_source = free_memory_bytes(device) + weight_bytes(model), f"free {device.type} memory + weights"
+    result = {
+        "input": loaded.artifact.path.as_posix() if loaded.artifact is not None else str(loaded.base_dir),
+        "kind": loaded.artifact.kind if loaded.artifact is not None else "fp",
+        "spec": loaded.spec.to_dict() if loaded.spec is not None else None,
+        "device": str(device),
+        "params": asdict(params),
+        "kernels": report.to_dict() if report is not None else None,
+        "memory_budget": {"bytes": budget, "source": budget_source},
+        **bench_model(model, params, dtype, budget, progress, "quantized" if report else "model"),
+        "env": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "notes": notes,
+    }
+    if params.baseline:
+        base_dtype = DTYPES[params.baseline]
+        from quantcli.models.load import load_base
+
+        if progress:
+            progress(f"loading the unquantized base model ({params.baseline})")
+        base, _ = load_base(loaded.base_dir)
+        base.to(device=device, dtype=base_dtype)
+        baseline = bench_model(base, params, base_dtype, budget, progress, f"baseline {params.baseline}")
+        del base
+        gc.collect()
+        result["baseline"] = baseline
+        result["ratios"] = _ratios(result, baseline)
+    return result

@@ -1,0 +1,133 @@
+"""quant bench: prefill / decode latency, memory and KV-cache room, through real low-bit kernels."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from quantcli.algos.driver import resolve_device
+from quantcli.bench.run import BenchParams, parse_bytes, run_bench
+from quantcli.cli import _options as opt
+from quantcli.cli._console import emit, err, status
+from quantcli.errors import InputError
+from quantcli.models.load import load_input
+
+EPILOG = """Examples:
+
+  quant bench rtn4/
+
+  quant bench rtn4/ --prompt-lens 100,1000 --gen 32 --baseline fp32
+
+  quant rtn --w4 --group 128 -o rtn4/ | quant bench --json > bench.json
+
+  quant bench rtn4/ --device cuda --memory-budget 20GiB --baseline bf16
+"""
+
+
+def _lens(text: str) -> tuple[int, ...]:
+    try:
+        lens = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        lens = ()
+    if not lens or min(lens) < 1:
+        raise InputError(f"--prompt-lens {text!r}: give positive token counts separated by commas, e.g. 100,1000")
+    return lens
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _latency_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    for col in ("prompt", "TTFT ms (min–max)", "prefill tok/s", "decode ms/tok (min–max)", "decode tok/s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        decode = "–" if "decode_ms" not in r else f"{r['decode_ms']:.2f} ({r['decode_ms_min']:.2f}–{r['decode_ms_max']:.2f})"
+        table.add_row(
+            str(r["prompt_len"]),
+            f"{r['prefill_ms']:.1f} ({r['prefill_ms_min']:.0f}–{r['prefill_ms_max']:.0f})",
+            f"{r['prefill_tok_s']:,.0f}",
+            decode,
+            f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "–",
+        )
+    return table
+
+
+def _print_human(result: dict) -> None:
+    kernels = result["kernels"]
+    if kernels is not None:
+        counts = ", ".join(f"{n} × {k}" for k, n in kernels["counts"].items())
+        err.print(f"kernels on {kernels['device']}: {counts}")
+        for name, reason in kernels["fallbacks"].items():
+            err.print(f"  [yellow]fallback[/] {name}: dequantized fp ({reason})")
+    for note in result["notes"]:
+        err.print(f"note: {note}")
+    err.print(_latency_table(f"{result['kind']} on {result['device']} ({result['dtype']} activations)", result["results"]))
+    kv, budget = result["kv_cache"], result["memory_budget"]
+    err.print(
+        f"weights {_mb(result['weight_bytes'])}, peak memory {_mb(result['peak_mem_bytes'])}; "
+        f"KV cache ({kv['dtype']}) {kv['bytes_per_token']:,} B/token → {kv['capacity_tokens']:,} tokens "
+        f"in a {_mb(budget['bytes'])} budget ({budget['source']}) after the weights"
+    )
+    if "baseline" in result:
+        base = result["baseline"]
+        err.print(_latency_table(f"baseline {base['dtype']}", base["results"]))
+        ratios = result["ratios"]
+        table = Table(title="baseline / quantized (× faster)")
+        for col in ("prompt", "prefill", "decode"):
+            table.add_column(col, justify="right")
+        for r in ratios["per_prompt_len"]:
+            table.add_row(str(r["prompt_len"]), f"{r['prefill_speedup']:.2f}×", f"{r.get('decode_speedup', float('nan')):.2f}×")
+        err.print(table)
+        err.print(
+            f"weights {_mb(result['weight_bytes'])} vs {_mb(base['weight_bytes'])} "
+            f"({ratios['weight_bytes_ratio']:.2f}×); KV capacity {result['kv_cache']['capacity_tokens']:,} vs "
+            f"{base['kv_cache']['capacity_tokens']:,} tokens ({ratios['kv_capacity_ratio']:.2f}×)"
+        )
+
+
+def bench_command(
+    input: opt.InputArg = None,
+    prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Prompt lengths in tokens, comma-separated.")] = "100,1000,2000,4000",
+    gen: Annotated[int, typer.Option("--gen", help="Tokens to decode greedily after each prompt.", min=0)] = 64,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences per forward pass.", min=1)] = 1,
+    reps: Annotated[int, typer.Option("--reps", help="Timed repetitions per prompt length (median reported).", min=1)] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per prompt length.", min=0)] = 1,
+    device: opt.Device = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Dtype of the non-quantized parts and KV cache: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16, fp16.")] = "auto",
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Memory for weights + KV cache in the capacity estimate, e.g. 8GiB. Default: free device memory + the model's weights.", show_default=False)] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="Also time the unquantized base model: fp32, bf16 or fp16.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch. Default: one per core.", min=1, show_default=False)] = None,
+    seed: opt.Seed = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Time to first token, decode latency and tokens/s per prompt length, weight and peak memory,
+    and KV-cache capacity, running quantized linears through real int4/int8 kernels."""
+    if baseline is not None and baseline not in ("fp32", "bf16", "fp16"):
+        raise InputError(f"--baseline {baseline}: use fp32, bf16 or fp16")
+    source = opt.input_or_stdin(input)
+    params = BenchParams(
+        prompt_lens=_lens(prompt_lens), gen=gen, batch=batch, reps=reps, warmup=warmup,
+        device=str(resolve_device(device)), dtype=dtype,
+        memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
+        baseline=baseline, threads=threads, seed=seed,
+    )
+    with status("loading model", quiet):
+        loaded = load_input(source, device="cpu")
+    if quiet:
+        result = run_bench(loaded, params)
+    elif err.is_terminal:
+        with err.status("benchmarking") as spinner:
+            result = run_bench(loaded, params, progress=lambda msg: spinner.update(f"benchmarking {msg}"))
+    else:
+        result = run_bench(loaded, params, progress=lambda msg: err.print(f"bench: {msg}"))
+    result["input"] = source or "default"
+    if not quiet:
+        _print_human(result)
+    if as_json:
+        emit(json.dumps(result))

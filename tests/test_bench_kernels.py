@@ -1,0 +1,185 @@
+"""Real low-bit kernels (quantcli.bench.kernels) match the dequantized weights; KV-cache arithmetic."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from quantcli.bench import kernels
+from quantcli.bench.kernels import (
+    DEQUANT,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    int4_scale_and_zero,
+    swap_in_kernels,
+)
+from quantcli.bench.latency import kv_bytes_per_token, kv_cache_capacity, measure_prefill_decode, weight_bytes
+from quantcli.quant import QuantizedWeight, QuantSpec, quantize_weight
+
+BF16_TOL = 3e-2  # relative error allowed between a bf16 kernel and the fp32 dequantized reference
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def quantize_linears(model: nn.Module, spec: QuantSpec) -> dict[str, QuantizedWeight]:
+    """Quantize every linear but lm_head; write the dequantized weights into ``model`` (fake quant)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            qw = quantize_weight(module.weight.data, spec)
+            module.weight.data = qw.dequantize()
+            out[name] = qw
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    return tiny_llama()
+
+
+@pytest.mark.parametrize(
+    "spec, kernel",
+    [
+        (QuantSpec(wbits=4, group=32, sym=False), kernels.INT4_CPU),
+        (QuantSpec(wbits=4, group=32, sym=True), kernels.INT4_CPU),
+        (QuantSpec(wbits=3, group=64, sym=False), kernels.INT4_CPU),
+        (QuantSpec(wbits=4, group=-1, sym=False), kernels.INT4_CPU),
+        (QuantSpec(wbits=8, group=-1, sym=True), kernels.INT8),
+        (QuantSpec(wbits=8, group=-1, sym=False), kernels.INT8),
+        (QuantSpec(wbits=6, group=-1, sym=False), kernels.INT8),
+    ],
+    ids=lambda v: v.label() if isinstance(v, QuantSpec) else "",
+)
+def test_kernel_logits_match_fake_quant(base: nn.Module, spec: QuantSpec, kernel: str) -> None:
+    fake = copy.deepcopy(base)
+    quantized = quantize_linears(fake, spec)
+    real = copy.deepcopy(base)
+    report = swap_in_kernels(real, quantized, "cpu")
+    assert report.counts() == {kernel: len(quantized)}, report.to_dict()
+    assert report.fallbacks() == {}
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = fake(ids).logits
+        got = real(ids).logits
+    assert got.dtype == torch.float32
+    assert rel_err(got, ref) < BF16_TOL
+
+
+def test_int4_offset_convention() -> None:
+    """The kernel computes scale·(q − 8) + offset, so offset = (8 − zero)·scale reproduces (q − zero)·scale."""
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (32, 64), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(32, 2, generator=gen) + 0.5
+    zero = torch.randint(0, 16, (32, 2), generator=gen).float()
+    qw = QuantizedWeight(codes, scale, zero, group=32)
+    sz = int4_scale_and_zero(qw, 32, torch.float32)
+    assert sz.shape == (2, 32, 2)
+    assert torch.allclose(sz[..., 0].t(), scale) and torch.allclose(sz[..., 1].t(), (8 - zero) * scale)
+    layer = Int4WeightOnlyLinear.from_quantized(qw)
+    x = torch.randn(3, 64, generator=gen)
+    assert rel_err(layer(x), x @ qw.dequantize().t()) < 1e-2
+
+
+def test_act_order_g_idx_runs_through_int4() -> None:
+    """A GPTQ act-order g_idx (equal-width groups in shuffled columns) is exact via a column permutation."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 128, generator=gen)
+    perm = torch.randperm(128, generator=gen)
+    qw = quantize_weight(w[:, perm], QuantSpec(wbits=4, group=32))  # quantize in permuted order
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(128) // 32)[inv].to(torch.int32)
+    shuffled = QuantizedWeight(qw.codes[:, inv], qw.scale, qw.zero, 32, g_idx)
+    layer = Int4WeightOnlyLinear.from_quantized(shuffled)
+    assert layer.perm is not None
+    x = torch.randn(4, 128, generator=gen)
+    assert rel_err(layer(x), x @ shuffled.dequantize().t()) < 1e-2
+
+
+def test_int8_layer_with_bias_and_3d_input() -> None:
+    gen = torch.Generator().manual_seed(3)
+    qw = quantize_weight(torch.randn(24, 48, generator=gen), QuantSpec(wbits=8, group=-1, sym=False))
+    bias = torch.randn(24, generator=gen)
+    layer = Int8WeightOnlyLinear.from_quantized(qw, bias)
+    assert layer.row_offset is not None  # asymmetric 8-bit needs the shifted form
+    x = torch.randn(2, 5, 48, generator=gen)
+    y = layer(x)
+    assert y.shape == (2, 5, 24)
+    assert rel_err(y, x @ qw.dequantize().t() + bias) < 1e-2
+
+
+def test_fallbacks_are_reported() -> None:
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 24), nn.Linear(24, 48), nn.Linear(48, 48), nn.Linear(48, 32))
+    specs = [
+        QuantSpec(wbits=4, group=32),  # N=24 is not a multiple of 16 and grouped scales: no kernel
+        QuantSpec(wbits=4, group=-1),  # K=24: no int4 group size, and the int8 kernel needs K % 16 == 0
+        QuantSpec(wbits=4, group=-1),  # K=48: no int4 group size (48 % 32), the int8 kernel takes it
+        QuantSpec(wbits=5, group=16),  # grouped 5-bit: nothing takes it
+    ]
+    quantized = {str(i): quantize_weight(model[i].weight.data, spec) for i, spec in enumerate(specs)}
+    x = torch.randn(3, 64, generator=gen)
+    report = swap_in_kernels(model, quantized, "cpu")
+    layers = report.layers
+    assert layers["0"].kernel == DEQUANT and "multiple of 16" in layers["0"].reason and "int8:" in layers["0"].reason
+    assert layers["1"].kernel == DEQUANT and "group 24" in layers["1"].reason and "in_features 24" in layers["1"].reason
+    assert layers["2"].kernel == kernels.INT8 and layers["2"].reason.startswith("int4:")
+    assert layers["3"].kernel == DEQUANT and layers["3"].bits == 5
+    assert set(report.fallbacks()) == {"0", "1", "3"}
+    assert report.counts() == {DEQUANT: 3, kernels.INT8: 1}
+    assert isinstance(model[0], nn.Linear) and isinstance(model[2], Int8WeightOnlyLinear)
+    with torch.inference_mode():
+        assert model(x).shape == (3, 32)
+
+
+def test_kv_cache_capacity_arithmetic(base: nn.Module) -> None:
+    config = base.config  # 2 layers, 2 kv heads, head_dim 128 / 4 = 32
+    assert kv_bytes_per_token(config, torch.float16) == 2 * 2 * 32 * 2 * 2
+    assert kv_bytes_per_token(config, torch.float32) == 2 * 2 * 32 * 2 * 4
+    assert kv_cache_capacity(config, 1_000_000, torch.float16) == 1_000_000 // 512
+    assert kv_cache_capacity(config, 100, torch.float16) == 0
+
+
+def test_parse_bytes() -> None:
+    from quantcli.bench.run import parse_bytes
+    from quantcli.errors import InputError
+
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("500MB") == 500 * 10**6 and parse_bytes("1e3") == 1000
+    with pytest.raises(InputError):
+        parse_bytes("lots")
+
+
+def test_weight_bytes_and_latency_smoke(base: nn.Module) -> None:
+    fake = copy.deepcopy(base)
+    quantized = quantize_linears(fake, QuantSpec(wbits=4, group=32))
+    real = copy.deepcopy(base)
+    swap_in_kernels(real, quantized, "cpu")
+    linear_fp32 = sum(qw.codes.numel() * 4 for qw in quantized.values())
+    saved = weight_bytes(fake) - weight_bytes(real)
+    assert saved > 0.8 * linear_fp32  # packed int4 + bf16 scales is ~1/7 of fp32
+    rows = measure_prefill_decode(real, [8, 16], gen=3, batch=1, reps=2, warmup=1, device="cpu")
+    assert [r["prompt_len"] for r in rows] == [8, 16]
+    for r in rows:
+        assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and r["decode_tok_s"] > 0
+        assert r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]

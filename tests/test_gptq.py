@@ -1,0 +1,228 @@
+"""GPTQ: the math on tiny linears, the fallbacks, MoE routing, and the command on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from quantcli.algos.gptq import (
+    GPTQ,
+    GPTQParams,
+    accumulate_hessian,
+    damp_and_invert,
+    gptq_quantize,
+    hessian_error,
+    make_hessian,
+)
+from quantcli.quant import QuantSpec, compute_qparams, quantize_weight
+
+torch.set_num_threads(1)
+
+SPEC = QuantSpec(wbits=4, group=32)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """W [64, 128] and correlated inputs X [512, 128] with uneven channel energy, and H = (2/n) XᵀX."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 128, generator=gen)
+    mix = torch.eye(128) + 2 * torch.randn(128, 128, generator=gen) / 128**0.5
+    X = (torch.randn(512, 128, generator=gen) @ mix) * torch.linspace(0.1, 3.0, 128)
+    H = make_hessian(128)
+    count = 0
+    for batch in X.split(100):  # uneven batches: the running average must not care
+        count = accumulate_hessian(H, batch, count)
+    return W, X, H
+
+
+def output_error(W, Q, X) -> float:
+    return float(((W - Q) @ X.T).pow(2).sum())
+
+
+def test_hessian_is_the_running_average(problem):
+    _, X, H = problem
+    torch.testing.assert_close(H, 2 / X.shape[0] * X.T @ X, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, True), (True, False)])
+def test_gptq_beats_rtn_on_the_calibration_inputs(problem, act_order, static_groups):
+    W, X, H = problem
+    out = gptq_quantize(W, H, SPEC, GPTQParams(act_order=act_order, static_groups=static_groups, block_size=48))
+    rtn = output_error(W, quantize_weight(W, SPEC).dequantize(), X)
+    gptq = output_error(W, out.weight.dequantize(), X)
+    assert out.fallback is None and out.damp == 0.01
+    assert gptq < 0.9 * rtn
+    assert out.err == pytest.approx(gptq * 2 / X.shape[0], rel=1e-3)  # err = tr((W-Q)H(W-Q)ᵀ)
+
+
+def test_block_size_does_not_change_the_result(problem):
+    W, _, H = problem
+    a = gptq_quantize(W, H, SPEC, GPTQParams(block_size=128)).weight
+    b = gptq_quantize(W, H, SPEC, GPTQParams(block_size=16)).weight
+    assert (a.codes != b.codes).float().mean() < 0.01  # float summation order only
+
+
+def test_identity_hessian_gives_rtn(problem):
+    W, _, _ = problem
+    rtn = quantize_weight(W, SPEC)
+    out = gptq_quantize(W, torch.eye(128), SPEC, GPTQParams())
+    assert torch.equal(out.weight.codes, rtn.codes)
+    assert torch.equal(out.weight.scale, rtn.scale) and torch.equal(out.weight.zero, rtn.zero)
+    clip = torch.full((64, 4), 0.7)
+    clipped = gptq_quantize(W, torch.eye(128), SPEC, GPTQParams(), clip=clip).weight
+    assert torch.equal(clipped.codes, quantize_weight(W, SPEC, clip).codes)
+
+
+def test_act_order_static_groups_keeps_contiguous_groups(problem):
+    W, _, H = problem
+    out = gptq_quantize(W, H, SPEC, GPTQParams(act_order=True, static_groups=True))
+    scale, zero = compute_qparams(W, SPEC.wbits, SPEC.group, SPEC.sym)
+    assert out.weight.g_idx is None
+    assert torch.equal(out.weight.scale, scale) and torch.equal(out.weight.zero, zero)
+
+
+def test_act_order_without_static_groups_writes_g_idx(problem):
+    W, X, H = problem
+    out = gptq_quantize(W, H, SPEC, GPTQParams(act_order=True))
+    g_idx = out.weight.g_idx
+    assert g_idx is not None and g_idx.dtype == torch.int32 and g_idx.shape == (128,)
+    assert torch.equal(torch.bincount(g_idx.long()), torch.full((4,), 32))
+    order = torch.argsort(H.diagonal(), descending=True)  # the first visited columns form group 0
+    assert torch.equal(g_idx[order[:32]], torch.zeros(32, dtype=torch.int32))
+    Q = out.weight.dequantize()
+    assert hessian_error(W, Q, H) == pytest.approx(out.err)
+    assert output_error(W, Q, X) < output_error(W, quantize_weight(W, SPEC).dequantize(), X)
+    ignored = type(out.weight)(out.weight.codes, out.weight.scale, out.weight.zero, 32)  # g_idx dropped
+    assert output_error(W, ignored.dequantize(), X) > 2 * output_error(W, Q, X)
+
+
+def test_dead_columns_are_rounded_to_nearest(problem):
+    W, _, H = problem
+    H = H.clone()
+    H[:, 5] = 0
+    H[5, :] = 0
+    out = gptq_quantize(W, H, SPEC, GPTQParams())
+    assert out.fallback is None and torch.isfinite(out.weight.dequantize()).all()
+
+
+def test_indefinite_hessian_retries_with_more_damping():
+    n = 64
+    H = torch.eye(n) + 2 * (torch.ones(n, n) - torch.eye(n))  # smallest eigenvalue -1, mean diagonal 1
+    U, damp = damp_and_invert(H, 0.01)
+    assert U is not None and damp == pytest.approx(10.0)
+    out = gptq_quantize(torch.randn(8, n), H, SPEC, GPTQParams())
+    assert out.fallback is None and out.damp == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    "H,reason",
+    [
+        (torch.zeros(128, 128), "zero"),
+        (-torch.eye(128), "negative"),
+        (torch.full((128, 128), float("nan")), "non-finite"),
+        (torch.eye(128) - 100 * (torch.ones(128, 128) - torch.eye(128)), "Cholesky"),
+    ],
+)
+def test_unusable_hessian_falls_back_to_rtn_with_a_reason(problem, H, reason):
+    W, _, _ = problem
+    out = gptq_quantize(W, H, SPEC, GPTQParams())
+    assert out.fallback is not None and reason in out.fallback and out.damp is None
+    assert torch.equal(out.weight.codes, quantize_weight(W, SPEC).codes)
+
+
+def test_bad_params_are_one_line_errors():
+    from quantcli.errors import SpecError
+
+    with pytest.raises(SpecError, match="--damp"):
+        GPTQParams(damp=0)
+
+
+def test_moe_experts_see_their_routed_tokens_and_rare_ones_fall_back():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from quantcli.algos.driver import run_blockwise
+    from quantcli.models.canonical import canonicalize
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    config.architectures = ["MixtralForCausalLM"]
+    model = canonicalize(MixtralForCausalLM(config).eval())
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    tokens = ids.numel()  # dense linears see every token; an expert only the ones routed to it
+    result = run_blockwise(model, ids, GPTQ(GPTQParams(min_expert_tokens=tokens)), SPEC, torch.device("cpu"))
+    assert len(result.quantized) == 4 + 4 * 3
+    fallbacks = result.layers[0]["rtn_fallback"]
+    assert fallbacks and all(name.startswith("mlp.experts.") for name in fallbacks)
+    assert all("calibration tokens" in why for why in fallbacks.values())
+    assert result.layers[0]["gptq_err"] <= result.layers[0]["rtn_err"]
+
+
+def test_gptq_command_on_a_tiny_llama(tiny_model_dir, tmp_path):
+    from quantcli.artifact import open_artifact
+    from quantcli.cli.app import app
+    from quantcli.models.load import read_quantized
+
+    text = tiny_model_dir.parent / "text.txt"
+    common = ["--w4", "--group", "32", "--nsamples", "4", "--seqlen", "32", "--dataset", str(text), "--device", "cpu"]
+    expected = {
+        f"model.layers.{i}.{name}"
+        for i in range(2)
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }
+    runner = CliRunner()
+
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["gptq", str(tiny_model_dir), *common, "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.strip()).resolve() == out.resolve()  # stdout: only the artifact path
+    artifact = open_artifact(out)
+    assert artifact.kind == "gptq"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["true_sequential"] is True
+    layers = manifest["metrics"]["layers"]
+    assert all(0 <= m["gptq_err"] <= m["rtn_err"] for m in layers)
+    weights = read_quantized(artifact)
+    assert set(weights) == expected
+    assert all(w.g_idx is None for w in weights.values())
+
+    out2 = tmp_path / "out-act-order"
+    result = runner.invoke(app, ["gptq", str(tiny_model_dir), *common, "--act-order", "--no-true-sequential", "-q", "-o", str(out2)])
+    assert result.exit_code == 0, result.output
+    weights = read_quantized(open_artifact(out2))
+    assert set(weights) == expected and all(w.g_idx is not None for w in weights.values())
+
+
+def test_capture_stops_early_but_sees_every_input():
+    from quantcli.algos.driver import LayerContext
+    from quantcli.algos.gptq import capture_hessians
+    from quantcli.calib.capture import capture_layer_inputs
+    from quantcli.models.arch import arch_spec
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture_layer_inputs(model, model.model.layers, ids, batch=5)
+    layer = model.model.layers[0]
+    ctx = LayerContext(0, "model.layers.0", layer, inputs, None, kwargs[0], torch.device("cpu"), SPEC, arch_spec(model), batch=2)
+    seen: dict[str, list] = {}
+    hooks = [
+        layer.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0]))
+        for stage in ctx.linears() for name in stage
+    ]
+    ctx.forward()
+    for h in hooks:
+        h.remove()
+    for stage in ctx.linears():
+        for name, (H, count) in capture_hessians(ctx, stage).items():
+            x = torch.cat(seen[name]).reshape(-1, H.shape[0])
+            assert count == x.shape[0] == 80
+            torch.testing.assert_close(H, 2 / count * x.T @ x, rtol=1e-4, atol=1e-5)
