@@ -75,8 +75,10 @@ def _out(value):
 
 @torch.no_grad()
 def run_inspect(module: nn.Module, x: Tensor, kwargs: dict, device, batch: int) -> Tensor:
-    """``module(x)`` over ``x`` (``[N, L, C]`` or ``[T, C]``) in chunks; output on CPU."""
-    outs = [_out(module(x[i : i + batch].to(device), **kwargs)).float().cpu() for i in range(0, x.shape[0], batch)]
+    """``module(x)`` over ``x`` (``[N, L, C]`` in chunks of ``batch`` samples, or ``[T, C]`` in
+    chunks of ``batch · 2048`` tokens); output on CPU."""
+    step = batch if x.dim() == 3 else batch * 2048
+    outs = [_out(module(x[i : i + step].to(device), **kwargs)).float().cpu() for i in range(0, x.shape[0], step)]
     return torch.cat(outs)
 
 

@@ -1,0 +1,1 @@
+"""quant bench: real low-bit kernels (kernels.py), measurements (latency.py), the command core (run.py)."""

@@ -16,6 +16,7 @@ from torch import nn
 from quantcli.bench.kernels import swap_in_kernels
 from quantcli.bench.latency import (
     Progress,
+    current_rss_bytes,
     free_memory_bytes,
     kv_bytes_per_token,
     kv_cache_capacity,
@@ -114,6 +115,7 @@ def bench_model(
         "dtype": _dtype_name(dtype),
         "weight_bytes": weights,
         "peak_mem_bytes": peak_memory_bytes(device),
+        "rss_bytes": current_rss_bytes(),
         "kv_cache": {
             "dtype": _dtype_name(dtype),
             "bytes_per_token": kv_bytes_per_token(model.config, dtype),

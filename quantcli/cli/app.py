@@ -54,6 +54,7 @@ def _register() -> None:
     from quantcli.cli import awq, calibrate, eval_ppl, pack, rtn
     from quantcli.cli import omniquant
     from quantcli.cli import gptq
+    from quantcli.cli import bench, demo
 
     commands = [
         ("calibrate", calibrate.calibrate_command, calibrate.EPILOG),
@@ -63,6 +64,8 @@ def _register() -> None:
         ("omniquant", omniquant.omniquant_command, omniquant.EPILOG),
         ("pack", pack.pack_command, pack.EPILOG),
         ("eval-ppl", eval_ppl.eval_ppl_command, eval_ppl.EPILOG),
+        ("bench", bench.bench_command, bench.EPILOG),
+        ("demo", demo.demo_command, demo.EPILOG),
     ]
     for name, func, epilog in commands:
         app.command(name, epilog=epilog)(one_line_errors(func))
