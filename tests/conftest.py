@@ -84,7 +84,7 @@ def tiny_models():
         "MixtralForCausalLM": make(T.MixtralConfig, "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
         "Qwen2MoeForCausalLM": make(
             T.Qwen2MoeConfig, "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
-            moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            moe_intermediate_size=32, shared_expert_intermediate_size=64,
         ),
         "Qwen3MoeForCausalLM": make(
             T.Qwen3MoeConfig, "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,

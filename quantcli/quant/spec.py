@@ -49,7 +49,7 @@ class QuantSpec:
     def check_divides(self, in_features: int, where: str) -> None:
         """Refuse a group size that does not divide a linear's input dimension."""
         if self.group != -1 and in_features % self.group:
-            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            divisors = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
             hint = f"try --group {divisors[-1]}" if divisors else "use --group -1 (per channel)"
             raise SpecError(
                 f"--group {self.group} does not divide the input dimension {in_features} of {where}: {hint}"
