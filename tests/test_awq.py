@@ -38,9 +38,10 @@ def test_awq_error_not_above_rtn_with_outlier_channels():
     module = NormLinear()
     x = outlier_inputs()
     spec = QuantSpec(wbits=3, group=32)
-    group = ScalingGroup("toy", "norm", ("a", "b"), "inspect")
-    module.inspect = module  # the module's own forward is the inspected output
-    s, awq_loss, rtn_loss = search_scale(module, group, ["a", "b"], x, {}, spec, AWQParams(), "cpu", 4096)
+    layer = nn.Module()
+    layer.block = module  # the inspected module: the group's whole output
+    group = ScalingGroup("toy", "block.norm", ("block.a", "block.b"), "block")
+    s, awq_loss, rtn_loss = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, AWQParams(), "cpu", 4096)
     assert awq_loss <= rtn_loss
     assert awq_loss < 0.8 * rtn_loss  # the outliers give AWQ real room
     assert s[:4].mean() > s[4:].mean()  # salient channels get the larger scales

@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from quantcli.algos.driver import LayerContext
+from conftest import tiny_llama, tiny_models
+from quantcli.algos.driver import LayerContext, layer_forward
 from quantcli.algos.omniquant import (
     Learnables,
     OmniQuant,
@@ -25,25 +26,25 @@ from quantcli.algos.omniquant import (
 )
 from quantcli.algos.scaling import can_fold
 from quantcli.artifact import Manifest, write_artifact
-from quantcli.models.arch import arch_spec, resolve_groups
+from quantcli.calib.capture import capture_layer_inputs
+from quantcli.models.arch import arch_spec, decoder_layers, resolve_groups
+from quantcli.models.canonical import canonicalize
 from quantcli.quant import QuantSpec, quantize_weight
 
-torch.set_num_threads(1)
 
-TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. " * 40
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # a few outlier input channels, as real LLMs have
+    """The shared tiny Llama (4 heads / 2 KV heads) with a few outlier norm channels, as real LLMs have."""
+    model = tiny_llama(seed)
+    with torch.no_grad():
         for layer in model.model.layers:
             layer.input_layernorm.weight[[3, 17]] = 8.0
             layer.post_attention_layernorm.weight[[5]] = 6.0
@@ -51,30 +52,15 @@ def _tiny_llama(seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("omni")
-    model_dir = root / "tiny"
-    _tiny_llama().save_pretrained(model_dir)
-    vocab = {"[UNK]": 0}
-    for ch in sorted(set(TEXT)):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
-    (root / "text.txt").write_text(TEXT)
-    return root
+def tiny_dir(tiny_model_dir):
+    """Folder holding ``model/`` (tiny Llama + char tokenizer) and ``text.txt``; artifacts go beside them."""
+    return tiny_model_dir.parent
 
 
 def _layer_ctx(model, index: int, spec: QuantSpec, n: int = 4, length: int = 16, seed: int = 0) -> LayerContext:
     """A driver-like context for one layer: random token inputs through the model up to that layer."""
-    from quantcli.calib.capture import capture_layer_inputs
-    from quantcli.algos.driver import layer_forward
-
     arch = arch_spec(model)
-    layers = model.model.layers
+    layers = decoder_layers(model, arch)
     ids = torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
     inputs, kwargs = capture_layer_inputs(model, layers, ids, batch=n)
     for i in range(index):
@@ -142,6 +128,31 @@ def test_let_transform_preserves_the_function():
     assert torch.allclose(folded, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", sorted(tiny_models()))
+def test_every_table_entry_trains_and_its_let_transform_preserves_function(arch):
+    from torch.func import functional_call
+
+    model = canonicalize(tiny_models()[arch](0))
+    ctx = _layer_ctx(model, 0, QuantSpec(wbits=4, group=16, abits=8), n=2, length=12)
+    layer = ctx.module
+    groups = [g for g in resolve_groups(layer, ctx.arch) if can_fold(layer, g)]
+    layout = qk_layout(layer)
+    assert isinstance(layout, str) == hasattr(layer.self_attn, "q_norm")  # Qwen3/Gemma3: q/k norms → no q·kᵀ scale
+    gen = torch.Generator().manual_seed(0)
+    learn = Learnables(scales={g.name: torch.rand(layer.get_submodule(g.prev).weight.shape[0], generator=gen) + 0.5 for g in groups})
+    if not isinstance(layout, str):
+        learn.qk, learn.qk_layout = torch.rand(layout.n_kv, layout.head_dim // 2, generator=gen) + 0.5, layout
+    with torch.no_grad():
+        ref = layer(ctx.inputs, **ctx.kwargs)
+        out = functional_call(layer, transformed_params(layer, groups, learn), (ctx.inputs,), ctx.kwargs)
+    ref, out = (x[0] if isinstance(x, tuple) else x for x in (ref, out))
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+    result = OmniQuant(OmniQuantParams(epochs=1, batch_size=1)).run_layer(ctx)
+    assert result.metrics["loss_end"] <= result.metrics["loss_start"] < float("inf")
+    assert set(result.quantized) == {n for stage in ctx.linears() for n in stage}
+
+
 def _run(ctx: LayerContext, params: OmniQuantParams):
     snapshot = {n: p.detach().clone() for n, p in ctx.module.named_parameters()}
     result = OmniQuant(params).run_layer(ctx)
@@ -206,7 +217,7 @@ def _fake_awq(tiny_dir, name, kind="awq", spec=QuantSpec(wbits=3, group=16), con
     """A hand-made AWQ-style artifact with the documented tensor names."""
     from quantcli.models.load import load_input
 
-    loaded = load_input(str(tiny_dir / "tiny"), quantized=False)
+    loaded = load_input(str(tiny_dir / "model"), quantized=False)
     base = loaded.base if config_sha is None else dataclasses.replace(loaded.base, config_sha256=config_sha)
     arch = arch_spec(loaded.model)
     tensors = {}
@@ -231,7 +242,7 @@ CALIB = ("--nsamples", 4, "--seqlen", 32)
 def test_cli_omniquant_writes_an_artifact(tiny_dir):
     out = tiny_dir / "omni-cli"
     text = tiny_dir / "text.txt"
-    res = _quant("omniquant", tiny_dir / "tiny", "--w3", "--group", 16, "--epochs", 2, "--dataset", text, *CALIB, "-o", out, "-q", "--force", "--device", "cpu")
+    res = _quant("omniquant", tiny_dir / "model", "--w3", "--group", 16, "--epochs", 2, "--dataset", text, *CALIB, "-o", out, "-q", "--force", "--device", "cpu")
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "omniquant" and manifest["params"]["let"] is False
@@ -244,10 +255,10 @@ def test_cli_omniquant_writes_an_artifact(tiny_dir):
 
 
 def test_cli_init_from_awq_and_let(tiny_dir):
-    awq = _fake_awq(tiny_dir, "awq-ok")
+    awq = _fake_awq(tiny_dir, "omni-awq-ok")
     out = tiny_dir / "omni-init"
     res = _quant(
-        "omniquant", tiny_dir / "tiny", "--w3", "--group", 16, "--abits", 8, "--epochs", 1, "--init-from", awq,
+        "omniquant", tiny_dir / "model", "--w3", "--group", 16, "--abits", 8, "--epochs", 1, "--init-from", awq,
         "--dataset", tiny_dir / "text.txt", *CALIB, "-o", out, "-q", "--force", "--device", "cpu",
     )
     assert res.exit_code == 0, res.output
@@ -272,13 +283,27 @@ def test_cli_init_from_refusals_are_one_line(tiny_dir, case, expect):
         "bits": {"spec": QuantSpec(wbits=4, group=16)},
         "group": {"spec": QuantSpec(wbits=3, group=32)},
     }[case]
-    bad = _fake_awq(tiny_dir, f"bad-{case}", **kwargs)
+    bad = _fake_awq(tiny_dir, f"omni-bad-{case}", **kwargs)
     res = _quant(
-        "omniquant", tiny_dir / "tiny", "--w3", "--group", 16, "--epochs", 1, "--init-from", bad,
-        "--dataset", tiny_dir / "text.txt", *CALIB, "-o", tiny_dir / f"never-{case}", "-q", "--device", "cpu",
+        "omniquant", tiny_dir / "model", "--w3", "--group", 16, "--epochs", 1, "--init-from", bad,
+        "--dataset", tiny_dir / "text.txt", *CALIB, "-o", tiny_dir / f"omni-never-{case}", "-q", "--device", "cpu",
     )
     assert res.exit_code != 0
     assert res.exception is None or isinstance(res.exception, SystemExit)
     lines = [line for line in res.output.splitlines() if line.startswith("quant:")]
     assert len(lines) == 1 and expect in lines[0] and "Traceback" not in res.output, res.output
-    assert not (tiny_dir / f"never-{case}").exists()
+    assert not (tiny_dir / f"omni-never-{case}").exists()
+
+
+def test_cli_awq_input_starts_from_its_clips_and_refuses_other_scales(tiny_dir):
+    data = ("--dataset", tiny_dir / "text.txt", *CALIB, "-q", "--force", "--device", "cpu")
+    awq = tiny_dir / "omni-awq-real"
+    assert _quant("awq", tiny_dir / "model", "--w3", "--group", 16, *data, "-o", awq).exit_code == 0
+    out = tiny_dir / "omni-on-awq"
+    res = _quant("omniquant", awq, "--w3", "--group", 16, "--abits", 8, "--epochs", 1, *data, "-o", out)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["init"]["let"].startswith("identity") and manifest["parent"] is not None
+    other = _fake_awq(tiny_dir, "omni-awq-other")
+    res = _quant("omniquant", awq, "--w3", "--group", 16, "--epochs", 1, "--init-from", other, *data, "-o", tiny_dir / "omni-never")
+    assert res.exit_code != 0 and "already carries the AWQ scales" in res.output

@@ -66,8 +66,10 @@ def run_llmcompressor_awq(a, calib, windows):
             max_seq_length=calib.shape[1], shuffle_calibration_samples=False)
     seconds = time.time() - t0
     ppl = perplexity(model, windows)
-    notes = ("AWQModifier + QuantizationModifier (group strategy, int, default observer); evaluated with the "
-             "in-memory compressed-tensors fake-quant forward (weights quantize-dequantized on each forward), fp32; "
+    count = sum(getattr(getattr(m, "quantization_scheme", None), "weights", None) is not None for m in model.modules())
+    notes = (f"AWQModifier + QuantizationModifier (group strategy, int, default observer); evaluated with the "
+             f"in-memory compressed-tensors fake-quant forward ({count} Linear layers, weights quantize-dequantized "
+             "on each forward), fp32; "
              "IntermediatesCache.pin_memory made a no-op on CPU (CUDA-only bug in the peer)")
     return "llmcompressor " + importlib.metadata.version("llmcompressor"), seconds, ppl, notes
 

@@ -43,7 +43,7 @@ make_venv() {  # name, check code, packages...
 }
 
 mkdir -p "$VENVS"
-grep -qxF ".peer-venvs/" "$ROOT/.gitignore" 2>/dev/null || echo ".peer-venvs/" >> "$ROOT/.gitignore"
+grep -qxE "/?\.peer-venvs/?" "$ROOT/.gitignore" 2>/dev/null || echo "/.peer-venvs/" >> "$ROOT/.gitignore"
 
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(llmcompressor gptqmodel)
