@@ -148,3 +148,16 @@ def test_calibration_from_another_model(calib_and_rtn, tmp_path):
 def test_empty_pipe_is_an_error(tmp_path):
     result = runner.invoke(app, ["eval-ppl"], input="not/a/path\n")
     one_line_error(result, "is not a path")
+
+
+def test_base_model_changed_since_the_artifact(tiny_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    made = quant("rtn", model, "--group", 32, "-o", tmp_path / "rtn", "-q")
+    assert made.exit_code == 0, made.output
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (model / "config.json").write_text(json.dumps(config))
+    one_line_error(quant("eval-ppl", tmp_path / "rtn"), "has changed since the artifact was made")

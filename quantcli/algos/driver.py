@@ -178,6 +178,8 @@ def run_blockwise(
             upstream(index), report=lambda **m: on_update(index=index, **m),
         )
         layer_result = algo.run_layer(ctx)
+        for rel, value in layer_result.overrides.items():
+            layer.get_parameter(rel).data.copy_(value.to(device))
         for rel, qw in layer_result.quantized.items():
             layer.get_submodule(rel).weight.data.copy_(qw.dequantize().to(device))
         loss = None
