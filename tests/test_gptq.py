@@ -87,7 +87,7 @@ def test_act_order_static_groups_keeps_contiguous_groups(problem):
 
 def test_act_order_without_static_groups_writes_g_idx(problem):
     W, X, H = problem
-    out = gptq_quantize(W, H, SPEC, GPTQParams(act_order=True))
+    out = gptq_quantize(W, H, SPEC, GPTQParams(act_order=True, static_groups=False))
     g_idx = out.weight.g_idx
     assert g_idx is not None and g_idx.dtype == torch.int32 and g_idx.shape == (128,)
     assert torch.equal(torch.bincount(g_idx.long()), torch.full((4,), 32))
@@ -194,7 +194,7 @@ def test_gptq_command_on_a_tiny_llama(tiny_model_dir, tmp_path):
     assert all(w.g_idx is None for w in weights.values())
 
     out2 = tmp_path / "out-act-order"
-    result = runner.invoke(app, ["gptq", str(tiny_model_dir), *common, "--act-order", "--no-true-sequential", "-q", "-o", str(out2)])
+    result = runner.invoke(app, ["gptq", str(tiny_model_dir), *common, "--act-order", "--no-static-groups", "--no-true-sequential", "-q", "-o", str(out2)])
     assert result.exit_code == 0, result.output
     weights = read_quantized(open_artifact(out2))
     assert set(weights) == expected and all(w.g_idx is not None for w in weights.values())

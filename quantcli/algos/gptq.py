@@ -50,8 +50,8 @@ class GPTQParams:
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     true_sequential: bool = True
     min_expert_tokens: int = 64
 

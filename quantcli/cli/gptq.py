@@ -26,8 +26,8 @@ EPILOG = """Examples:
 
 Damp = Annotated[float, typer.Option("--damp", help="Hessian damping as a fraction of mean(diag H); raised ×10 automatically when Cholesky fails.", min=0.0)]
 BlockSize = Annotated[int, typer.Option("--block-size", help="Columns per lazy-update block.", min=1)]
-ActOrder = Annotated[bool, typer.Option("--act-order", help="Quantize columns by decreasing input energy (diag H).")]
-StaticGroups = Annotated[bool, typer.Option("--static-groups", help="Fix group scales on the unpermuted weight: act-order without g_idx.")]
+ActOrder = Annotated[bool, typer.Option("--act-order/--no-act-order", help="Quantize columns by decreasing input energy (diag H).")]
+StaticGroups = Annotated[bool, typer.Option("--static-groups/--no-static-groups", help="Fix group scales on the unpermuted weight: act-order without g_idx.")]
 TrueSequential = Annotated[
     bool,
     typer.Option("--true-sequential/--no-true-sequential", help="Capture each stage's inputs after the earlier stages of the layer are quantized."),
@@ -48,8 +48,8 @@ def gptq_command(
     abits: opt.ABits = 16,
     damp: Damp = 0.01,
     block_size: BlockSize = 128,
-    act_order: ActOrder = False,
-    static_groups: StaticGroups = False,
+    act_order: ActOrder = True,
+    static_groups: StaticGroups = True,
     true_sequential: TrueSequential = True,
     min_expert_tokens: MinExpertTokens = 64,
     calib: opt.Calib = None,
