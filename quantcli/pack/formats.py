@@ -33,9 +33,9 @@ gptq (GPTQ ``v1``/``v2``, 2/3/4/8 bits)
     ``qweight`` int32 ``[in·b/32, out]`` (codes packed along ``in``; 3-bit codes straddle words),
     ``qzeros`` int32 ``[G, out·b/32]``, ``scales`` float16 ``[G, out]``, ``g_idx`` int32 ``[in]``.
     v1 stores ``zero − 1``, so an asymmetric zero of 0 would be written as −1 and read back as
-    ``2**b``. Decision: write ``checkpoint_format: gptq`` (v1, which every GPTQ loader reads)
-    unless some zero is 0, and ``gptq_v2`` (zeros stored as is) only then. Symmetric zeros are
-    ``2**(b-1) ≥ 1``, so symmetric checkpoints are always v1. ``desc_act`` is true only when some
+    ``2**b``, and GPTQModel refuses asymmetric v1 written by anything but itself. Decision:
+    symmetric checkpoints (zeros ``2**(b-1) ≥ 1``) are v1 (``checkpoint_format: gptq``, which
+    every GPTQ loader reads); asymmetric ones are always ``gptq_v2`` (zeros stored as is). ``desc_act`` is true only when some
     linear has a real act-order ``g_idx``; static groups are written with ``g_idx = j // g`` and
     no permutation of ``qweight``.
 
@@ -300,7 +300,10 @@ def unpack_autoawq(tensors: dict[str, Tensor], quantization_config: dict) -> dic
 def pack_gptq(
     quantized: dict[str, QuantizedWeight], spec: QuantSpec, ignore: Iterable[str] = ()
 ) -> tuple[dict[str, Tensor], dict]:
-    """GPTQ v1 (or v2 when an asymmetric zero is 0); see the module docstring.
+    """GPTQ v1 for symmetric, v2 for asymmetric weights; see the module docstring.
+
+    Asymmetric v1 is ambiguous (readers differ on the stored ``zero − 1``; GPTQModel refuses
+    asymmetric v1 unless GPTQModel wrote it), so asymmetric checkpoints are always ``gptq_v2``.
 
     Every module in ``ignore`` other than ``lm_head`` is also listed in GPTQModel's ``dynamic``
     as a negative match (``-:^name$``) so that loaders keep it in full precision.
@@ -308,7 +311,7 @@ def pack_gptq(
     check_format("gptq", spec, quantized)
     _check_symmetric(spec, quantized)
     bits = spec.wbits
-    v2 = any(bool((qw.zero == 0).any()) for qw in quantized.values())
+    v2 = not spec.sym
     tensors: dict[str, Tensor] = {}
     desc_act = False
     for name, qw in quantized.items():
