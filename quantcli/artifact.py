@@ -16,8 +16,10 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -171,12 +173,7 @@ def write_artifact(
     """
     out = Path(out)
     check_output_free(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         files: dict[str, str] = {}
         for name, tensors in payloads.items():
             contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -189,6 +186,22 @@ def write_artifact(
         if manifest.parent is not None:
             manifest.parent = os.path.relpath(Path(manifest.parent).resolve(), out.resolve())
         (tmp / MANIFEST).write_text(manifest.to_json())
+    return open_artifact(out)
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Build directory ``out`` in a hidden temporary sibling, renamed into place on success.
+
+    On any failure the temporary directory is removed and ``out`` is left as it was; an existing
+    ``out`` is replaced only after the new one is complete (callers check ``--force`` first).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(trash)
@@ -197,4 +210,3 @@ def write_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return open_artifact(out)

@@ -29,7 +29,7 @@ from quantcli.algos.driver import LayerContext, LayerResult
 from quantcli.algos.scaling import can_fold, fold_scales
 from quantcli.artifact import Artifact
 from quantcli.models.arch import ScalingGroup, arch_spec, decoder_layers, resolve_groups
-from quantcli.quant import QuantSpec, compute_qparams, dequantize, quantize, quantize_weight
+from quantcli.quant import QuantSpec, quantize_weight
 from quantcli.quant.affine import grouped
 
 AWQ_FILE = "awq.safetensors"

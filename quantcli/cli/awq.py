@@ -70,9 +70,7 @@ def vars_of(params) -> dict:
 
 def write_transformed(artifact_dir: Path, out: Path, spec, force: bool) -> None:
     """The scaled and clipped full-precision model of an AWQ artifact, as a Hugging Face directory."""
-    import shutil
-
-    from quantcli.artifact import check_output_free, open_artifact
+    from quantcli.artifact import atomic_directory, check_output_free, open_artifact
     from quantcli.models.canonical import hf_state_dict
     from quantcli.models.load import materialize
 
@@ -80,9 +78,6 @@ def write_transformed(artifact_dir: Path, out: Path, spec, force: bool) -> None:
     artifact = open_artifact(artifact_dir)
     model, tokenizer = materialize(artifact, quantized=False)
     clip_weights(model, artifact, spec)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=hf_state_dict(model))
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, state_dict=hf_state_dict(model))
+        tokenizer.save_pretrained(tmp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from quantcli.algos.rtn import RTN
 from quantcli.cli import _options as opt
 from quantcli.cli._stage import load_for_stage, run_algorithm
-from quantcli.stage import CalibParams
 
 EPILOG = """Examples:
 

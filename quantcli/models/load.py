@@ -11,14 +11,13 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from quantcli.artifact import Artifact, BaseModelRef, is_artifact, open_artifact, sha256_file
+from quantcli.artifact import Artifact, BaseModelRef, atomic_directory, is_artifact, open_artifact, sha256_file
 from quantcli.errors import ArtifactError, InputError
 from quantcli.models.arch import architecture_name, arch_spec
 from quantcli.models.canonical import canonicalize
@@ -83,13 +82,10 @@ def convert_gguf(gguf: Path) -> Path:
     config.architectures = [type(loaded).__name__]
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "quantcli_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "quantcli_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
     return out
 
 

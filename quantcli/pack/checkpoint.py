@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantcli import __version__
-from quantcli.artifact import check_output_free
+from quantcli.artifact import atomic_directory, check_output_free
 from quantcli.errors import InputError
 from quantcli.pack.formats import READERS, SUFFIXES, WRITERS, check_format, detect_format
 from quantcli.quant.affine import QuantizedWeight
@@ -98,26 +96,13 @@ def write_packed(
     if saved_dtype is not None:
         config.dtype = saved_dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file({**state, **packed}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
