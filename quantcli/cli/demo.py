@@ -32,7 +32,7 @@ def demo_command(
     wbits: Annotated[int, typer.Option("--wbits", help="Weight bits.")] = 4,
     group: opt.Group = 64,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo's artifacts go.")] = Path("quant-demo"),
-    windows: Annotated[int, typer.Option("--windows", help="Evaluation windows of 512 tokens.", min=1)] = 16,
+    windows: Annotated[int, typer.Option("--windows", help="Evaluation windows of 512 tokens.", min=1)] = 8,
     device: opt.Device = "auto",
     quiet: opt.Quiet = False,
 ) -> None:
@@ -45,7 +45,7 @@ def demo_command(
     tokens = tokenize(fp.tokenizer, test.joined())
     started = time.time()
     rows.append(("fp32", perplexity(fp.model, tokens, 512, windows)["ppl"], 0.0))
-    calib_ids, calib_info = make_calibration(fp.tokenizer, CalibParams(BUILTIN, nsamples=16, seqlen=512))
+    calib_ids, calib_info = make_calibration(fp.tokenizer, CalibParams(BUILTIN, nsamples=8, seqlen=256))
     for name, algo, ids in (("rtn", RTN(), None), ("awq", AWQ(), calib_ids)):
         loaded = load_input(None)
         t0 = time.time()
