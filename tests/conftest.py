@@ -14,14 +14,14 @@ TINY_TEXT = (
 ) * 20
 
 
-def tiny_llama(seed: int = 0):
-    """LlamaForCausalLM: hidden 64, intermediate 128, 2 layers, 4 heads / 2 KV heads, vocab 128."""
+def tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128, vocab: int = 128, tie: bool = True):
+    """LlamaForCausalLM from a config: 2 layers, 4 heads / 2 KV heads (defaults: hidden 64, vocab 128, tied)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=tie,
     )
     config.architectures = ["LlamaForCausalLM"]
     return LlamaForCausalLM(config).eval()

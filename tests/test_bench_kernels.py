@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -23,20 +24,7 @@ BF16_TOL = 3e-2  # relative error allowed between a bf16 kernel and the fp32 deq
 
 
 def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return conftest.tiny_llama(0, hidden=128, intermediate=256, vocab=256, tie=False)
 
 
 def quantize_linears(model: nn.Module, spec: QuantSpec) -> dict[str, QuantizedWeight]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -286,19 +287,7 @@ def test_detect_format():
 
 
 def tiny_llama(tie: bool = False, seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return conftest.tiny_llama(seed, tie=tie)
 
 
 def fake_quantize_model(model, spec: QuantSpec) -> dict[str, QuantizedWeight]:

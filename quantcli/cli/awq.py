@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -53,19 +54,13 @@ def awq_command(
     params = AWQParams(n_grid=n_grid, duo_scaling=not x_only, clip=not no_clip, max_shrink=max_shrink, seed=seed)
     loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
     run_algorithm(
-        "AWQ", "awq", AWQ(params), vars_of(params), loaded, spec, output, calib,
+        "AWQ", "awq", AWQ(params), asdict(params), loaded, spec, output, calib,
         CalibParams(dataset, nsamples, seqlen, seed), device, batch_size, force, quiet,
     )
     if save_transformed is not None:
         write_transformed(output, save_transformed, spec, force)
         if not quiet:
             err.print(f"transformed fp model → {save_transformed}")
-
-
-def vars_of(params) -> dict:
-    from dataclasses import asdict
-
-    return asdict(params)
 
 
 def write_transformed(artifact_dir: Path, out: Path, spec, force: bool) -> None:
