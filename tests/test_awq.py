@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_models
-from quantcli.algos.awq import AWQ, AWQParams, candidate_scales, fake_quant, search_clip, search_scale
+from quantcli.algos.awq import AWQ, AWQParams, candidate_scales, fake_quant, input_gram, search_clip, search_scale
 from quantcli.algos.driver import run_blockwise
 from quantcli.models.arch import ScalingGroup
 from quantcli.models.canonical import canonicalize
@@ -47,6 +47,20 @@ def test_awq_error_not_above_rtn_with_outlier_channels():
     assert s[:4].mean() > s[4:].mean()  # salient channels get the larger scales
 
 
+def test_weight_activation_search_smooths_outlier_activations():
+    """W4A4: per-token activation quantization is part of the loss, so scales that move the
+    outlier channels' magnitude into the weights cut the error well below plain RTN's."""
+    module = NormLinear()
+    x = outlier_inputs()
+    layer = nn.Module()
+    layer.block = module
+    group = ScalingGroup("toy", "block.norm", ("block.a", "block.b"), "block")
+    _, wa_loss, wa_rtn = search_scale(layer, group, ["block.a", "block.b"], x, {}, QuantSpec(4, 32, abits=4), AWQParams(), "cpu", 4096)
+    _, _, w_rtn = search_scale(layer, group, ["block.a", "block.b"], x, {}, QuantSpec(4, 32), AWQParams(), "cpu", 4096)
+    assert wa_rtn > w_rtn  # the activation quantizer is in the loss
+    assert wa_loss < 0.5 * wa_rtn
+
+
 def test_candidate_scales_are_normalised():
     s = candidate_scales(torch.rand(32) + 0.1, torch.rand(32) + 0.1, 0.5)
     assert torch.isclose((s.max() * s.min()).sqrt(), torch.tensor(1.0))
@@ -58,11 +72,26 @@ def test_clip_search_never_worse_than_unclipped():
     w[0, 3] = 12.0  # an outlier weight makes clipping pay
     x = torch.randn(256, 64)
     spec = QuantSpec(wbits=3, group=32)
-    r = search_clip(w, x, spec, AWQParams())
+    r = search_clip(w, input_gram(x), spec, AWQParams())
     assert r.shape == (16, 2) and torch.all(r <= 1) and torch.all(r >= 0.5)
     err = lambda q: ((q - w) @ x.T).pow(2).sum()
     assert err(fake_quant(w, spec, clip=r)) <= err(fake_quant(w, spec))
     assert r[0, 0] < 1
+
+
+def test_clip_search_counts_a_rare_token_with_a_huge_activation():
+    """One token in thousands whose channel 3 is huge (an attention sink): clipping the outlier
+    weight on that channel would wreck that token's output, so the group keeps its full range."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    w[0, 3] = 12.0
+    x = torch.randn(4096, 64)
+    x[1234, 3] = 2000.0
+    spec = QuantSpec(wbits=3, group=32)
+    r = search_clip(w, input_gram(x), spec, AWQParams())
+    assert r[0, 0] == 1
+    err = lambda q: ((q - w) @ x.T).pow(2).sum()
+    assert err(fake_quant(w, spec, clip=r)) <= err(fake_quant(w, spec))
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen2MoeForCausalLM"])
@@ -78,6 +107,10 @@ def test_awq_runs_on_table_entries_and_scales_fold_without_changing_function(arc
     scales = {k: v for k, v in result.saved.items() if k.endswith(".scales")}
     assert scales and all(torch.all(v > 0) for v in scales.values())
     assert any(not torch.allclose(v, torch.ones_like(v)) for v in scales.values())
+    v_proj = model.model.layers[0].self_attn.v_proj
+    assert v_proj.out_features < model.model.layers[0].self_attn.o_proj.in_features  # the tiny models use GQA
+    assert "model.layers.0.attn_out.scales" not in scales  # v→o under GQA is skipped, and said so
+    assert any(s.startswith("attn_out") for s in result.layers[0]["skipped"])
     artifact = write_artifact(
         tmp_path / "awq", Manifest(kind="awq", base_model=BaseModelRef("x", "h", arch)), {"awq.safetensors": result.saved}
     )

@@ -7,12 +7,17 @@ Scale search, per scaling group ``prev → linears`` of the architecture table, 
 over ``s = mean|x|^α / mean|ŵ|^(1-α)`` (duo scaling; ``ŵ`` is ``|W|`` normalised per quantization
 group) or ``s = mean|x|^α`` (x-only), for ``α`` on a grid in ``[0, 1)`` plus the identity ``s = 1``.
 ``M`` is the inspected module (attention block, MLP, MoE block with its router, or the linear
-itself) and ``x`` its calibration input. The best ``s`` is folded into ``prev`` and the linears.
+itself) and ``x`` its calibration input; with activation bits (W-A specs) the linears' inputs
+``x / s`` are fake-quantized per token inside ``M``, so ``s`` also smooths activations. The best
+``s`` is folded into ``prev`` and the linears. v→o under grouped-query attention is skipped: it
+could fold (``scaling.channel_map``), but its loss on ``o_proj`` alone cannot see the error its
+scale moves into ``v_proj``, and on SmolLM2-135M searching it made perplexity worse.
 
 Clip search, per linear after scaling, picks for every ``(row, group)`` the ratio ``r`` of the
 range kept, ``1 ≥ r ≥ 1 − max_shrink``, minimising ``‖(Q_r(w) − w)·x‖²`` of that group's partial
-output on sampled tokens. Query and key projections keep ``r = 1`` (their error is not visible in
-a per-linear output; AutoAWQ does the same).
+output over all calibration tokens (exactly, through ``XᵀX``), and keeps the result only if the whole
+linear's output error is not worse than unclipped. Query and key projections keep ``r = 1`` (their
+error is not visible in a per-linear output; AutoAWQ does the same).
 
 Search is apart from apply: the artifact stores the scales and clip ratios (``awq.safetensors``)
 and :func:`replay_search` folds the scales into a fresh base model.
@@ -26,10 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from quantcli.algos.driver import LayerContext, LayerResult
-from quantcli.algos.scaling import can_fold, fold_scales
+from quantcli.algos.scaling import can_fold, channel_map, fold_scales
 from quantcli.artifact import Artifact
 from quantcli.models.arch import ScalingGroup, arch_spec, decoder_layers, resolve_groups
-from quantcli.quant import QuantSpec, quantize_weight
+from quantcli.quant import QuantSpec, fake_quantize_activation, quantize_weight
 from quantcli.quant.affine import grouped
 
 AWQ_FILE = "awq.safetensors"
@@ -42,8 +47,6 @@ class AWQParams:
     duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
-    clip_tokens: int = 512
-    seed: int = 0
 
 
 def fake_quant(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> Tensor:
@@ -102,49 +105,79 @@ def search_scale(
     x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(dim=0).to(device)
     w_mean = weight_magnitude(list(originals.values()), spec).to(device) if params.duo_scaling else None
 
+    current = [torch.ones(1)]  # the consumers' input scale under test
+
+    def quantize_input(_m, args):  # W-A settings: the linear sees Q_a(x / s), put back on x's scale
+        return (fake_quantize_activation(args[0] / current[0], spec.abits) * current[0],) + tuple(args[1:])
+
     def loss_for(s: Tensor) -> float:
+        current[0] = s_in = s.view(1, -1)
         for n, m in linears.items():
-            m.weight.data = fake_quant(originals[n] * s.view(1, -1), spec) / s.view(1, -1)
+            m.weight.data = fake_quant(originals[n] * s_in, spec) / s_in
         out = run_inspect(inspect, x, kwargs, device, batch)
         return torch.mean((out - target) ** 2).item()
 
-    ones = torch.ones_like(x_mean)
-    best_s, best_loss = ones, loss_for(ones)
-    rtn_loss = best_loss
-    for i in range(params.n_grid):
-        s = candidate_scales(x_mean, w_mean, i / params.n_grid)
-        loss = loss_for(s)
-        if loss < best_loss:
-            best_s, best_loss = s, loss
-    for n, m in linears.items():
-        m.weight.data = originals[n]
+    hooks = [m.register_forward_pre_hook(quantize_input) for m in linears.values()] if spec.abits < 16 else []
+    try:
+        ones = torch.ones_like(x_mean)
+        best_s, best_loss = ones, loss_for(ones)
+        rtn_loss = best_loss
+        for i in range(params.n_grid):
+            s = candidate_scales(x_mean, w_mean, i / params.n_grid)
+            loss = loss_for(s)
+            if loss < best_loss:
+                best_s, best_loss = s, loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for n, m in linears.items():
+            m.weight.data = originals[n]
     return best_s.float().cpu(), best_loss, rtn_loss
 
 
+def input_gram(x: Tensor) -> Tensor:
+    """``XᵀX / T`` ``[in, in]`` (float32) of input tokens ``x: [T, in]``."""
+    x = x.float()
+    return x.T @ x / max(x.shape[0], 1)
+
+
+def output_error(delta: Tensor, gram: Tensor) -> Tensor:
+    """``‖Δ·X‖² / T`` per output row from ``delta: [out, in]`` and ``gram = XᵀX / T``: ``[out]``."""
+    return ((delta.float() @ gram) * delta.float()).sum(dim=1)
+
+
 @torch.no_grad()
-def search_clip(w: Tensor, x: Tensor, spec: QuantSpec, params: AWQParams, rows_per_chunk: int = 256) -> Tensor:
+def search_clip(w: Tensor, gram: Tensor, spec: QuantSpec, params: AWQParams, rows_per_chunk: int = 1024) -> Tensor:
     """Clip ratio per ``(row, group)`` ``[out, in // g]`` minimising each group's partial-output error.
 
-    ``w: [out, in]``; ``x: [T, in]`` sampled input tokens.
+    ``w: [out, in]``; ``gram = XᵀX / T`` ``[in, in]`` over all calibration tokens, so the error of a
+    group ``δ = Q_r(w_g) − w_g`` is ``δᵀ G_gg δ`` exactly, rare tokens with huge activations
+    included (sampling tokens can miss them and clip the weights they depend on). The chosen clips
+    are kept only if the whole linear's output error ``tr(Δ G Δᵀ)``, cross-group terms included, is
+    not above that of the unclipped weights; otherwise all ratios are 1.
     """
     g = spec.group_for(w.shape[1])
-    xg = grouped(x.float(), g).permute(1, 2, 0)  # [G, g, T]
+    n_groups = w.shape[1] // g
+    index = torch.arange(n_groups, device=gram.device)
+    blocks = grouped(gram, g).view(n_groups, g, n_groups, g)[index, :, index]  # [G, g, g]
     steps = max(1, int(params.max_shrink * params.n_grid))
     ratios = []
     for start in range(0, w.shape[0], rows_per_chunk):
         wc = w[start : start + rows_per_chunk].float()
-        ref = torch.einsum("ogk,gkt->ogt", grouped(wc, g), xg)
-        best_err = torch.full(ref.shape[:2], float("inf"), device=w.device)
-        best_r = torch.ones(ref.shape[:2], device=w.device)
+        best_err = torch.full((wc.shape[0], n_groups), float("inf"), device=w.device)
+        best_r = torch.ones_like(best_err)
         for i in range(steps + 1):
             r = torch.full_like(best_r, 1 - i / params.n_grid)
-            q = fake_quant(wc, spec, clip=r)
-            err = (torch.einsum("ogk,gkt->ogt", grouped(q, g), xg) - ref).pow(2).mean(dim=-1)
+            d = grouped(fake_quant(wc, spec, clip=r) - wc, g)  # [o, G, g]
+            err = torch.einsum("ogk,gkl,ogl->og", d, blocks, d)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_r = torch.where(better, r, best_r)
         ratios.append(best_r)
-    return torch.cat(ratios).cpu()
+    clip = torch.cat(ratios)
+    clipped = output_error(fake_quant(w.float(), spec, clip=clip) - w.float(), gram).sum()
+    plain = output_error(fake_quant(w.float(), spec) - w.float(), gram).sum()
+    return (clip if clipped <= plain else torch.ones_like(clip)).cpu()
 
 
 def _capture_inputs(ctx: LayerContext, names: list[str]) -> tuple[dict[str, Tensor], dict]:
@@ -170,13 +203,6 @@ def _capture_inputs(ctx: LayerContext, names: list[str]) -> tuple[dict[str, Tens
     return {n: torch.cat(v) for n, v in feats.items() if v}, attn_kwargs
 
 
-def _sample_tokens(x: Tensor, count: int, seed: int) -> Tensor:
-    if x.shape[0] <= count:
-        return x
-    gen = torch.Generator().manual_seed(seed)
-    return x[torch.randperm(x.shape[0], generator=gen)[:count]]
-
-
 @dataclass(frozen=True)
 class AWQ:
     params: AWQParams = AWQParams()
@@ -196,8 +222,8 @@ class AWQ:
             targets = [n for n in group.linears if n in quantizable]
             if not targets:
                 continue
-            if not can_fold(layer, group):
-                skipped.append(f"{group.name}: {group.prev} → {group.linears[0]} (shapes differ)")
+            if not can_fold(layer, group) or channel_map(layer, group) is not None:
+                skipped.append(f"{group.name}: {group.prev} → {group.linears[0]} (channels do not map one to one)")
                 continue
             x = feats.get(group.linears[0])
             if x is None or x.shape[0] == 0:
@@ -214,7 +240,7 @@ class AWQ:
             saved[f"{group.name}.scales"] = s
             group_losses[group.name] = (loss, rtn)
 
-        quantized = {}
+        quantized, grams = {}, {}
         for name in sorted(quantizable):
             w = layer.get_submodule(name).weight.data
             clip = None
@@ -222,7 +248,10 @@ class AWQ:
             if x is None:
                 x = feats.get(_group_input(groups, name), None)
             if params.clip and x is not None and not name.endswith(NO_CLIP):
-                clip = search_clip(w, _sample_tokens(x, params.clip_tokens, params.seed).to(w.device), spec, params)
+                key = id(x)
+                if key not in grams:  # linears fed by the same input share its Gram matrix
+                    grams[key] = input_gram(x.to(w.device))
+                clip = search_clip(w, grams[key], spec, params)
             g = spec.group_for(w.shape[1])
             saved[f"{name}.clip"] = clip if clip is not None else torch.ones(w.shape[0], w.shape[1] // g)
             quantized[name] = quantize_weight(w, spec, None if clip is None else clip.to(w.device))
