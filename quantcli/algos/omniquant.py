@@ -40,11 +40,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from quantcli.algos.driver import LayerContext, LayerResult
-from quantcli.algos.scaling import can_fold, fold_scales
+from quantcli.algos.scaling import can_fold, channel_map, fold_scales, out_channels, to_consumers, to_prev
 from quantcli.artifact import Artifact, is_artifact, open_artifact
 from quantcli.errors import ArtifactError, InputError
 from quantcli.models.arch import ScalingGroup, arch_spec, resolve_groups
-from quantcli.quant import QuantizedWeight, QuantSpec, fake_quantize, fake_quantize_activation, quantize, round_ste
+from quantcli.models.load import install_activation_quant
+from quantcli.quant import QuantizedWeight, QuantSpec, fake_quantize, quantize, round_ste
 from quantcli.quant.affine import grouped
 
 AWQ_FILE = "awq.safetensors"
@@ -207,9 +208,11 @@ def input_absmax(ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:
 
 
 def let_init(layer: nn.Module, group: ScalingGroup, act_absmax: Tensor, alpha: float = 0.5) -> Tensor:
-    """SmoothQuant's start ``s = max|X|^α / max|W|^(1-α)`` per channel ``[C]`` for one group."""
+    """SmoothQuant's start ``s = max|X|^α / max|W|^(1-α)`` per ``prev`` channel ``[C_prev]`` for one group."""
     w_absmax = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(dim=0).float() for n in group.linears]).amax(dim=0)
-    s = act_absmax.to(w_absmax).clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    index, width = channel_map(layer, group), out_channels(layer.get_submodule(group.prev))
+    act, wmax = to_prev(act_absmax.to(w_absmax), index, width, "amax"), to_prev(w_absmax, index, width, "amax")
+    s = act.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
     return s.clamp(min=SCALE_MIN)
 
 
@@ -250,8 +253,9 @@ def transformed_params(layer: nn.Module, groups: list[ScalingGroup], learn: Lear
             continue
         s = positive(s)
         scale_rows(group.prev, s, divide=True)
+        s_in = to_consumers(s, channel_map(layer, group)).view(1, -1)
         for name in group.linears:
-            out[f"{name}.weight"] = get(f"{name}.weight") * s.view(1, -1)
+            out[f"{name}.weight"] = get(f"{name}.weight") * s_in
     if learn.qk is not None:
         s_q, s_k = qk_row_scales(positive(learn.qk), learn.qk_layout)
         scale_rows("self_attn.q_proj", s_q, divide=True)
@@ -285,16 +289,6 @@ def fold_into(layer: nn.Module, groups: list[ScalingGroup], learn: Learnables) -
             attn.q_proj.bias.div_(s_q)
         if attn.k_proj.bias is not None:
             attn.k_proj.bias.mul_(s_k)
-
-
-def install_act_quant(layer: nn.Module, linears: list[str], abits: int) -> list:
-    """Per-token dynamic fake quantization of the named linears' inputs; returns the hook handles."""
-    if abits >= 16:
-        return []
-    return [
-        layer.get_submodule(n).register_forward_pre_hook(lambda _m, args: (fake_quantize_activation(args[0], abits),) + tuple(args[1:]))
-        for n in linears
-    ]
 
 
 # --------------------------------------------------------------------------- training
@@ -443,7 +437,7 @@ class OmniQuant:
         frozen = {n: p.requires_grad for n, p in layer.named_parameters()}
         for p in layer.parameters():
             p.requires_grad_(False)
-        hooks = install_act_quant(layer, linears, spec.abits)
+        hooks = install_activation_quant(layer, linears, spec.abits)
         try:
             stats = train_layer(
                 layer,
@@ -480,8 +474,6 @@ class OmniQuant:
         overrides = {
             n: p.detach().clone() for n, p in layer.named_parameters() if n not in weights and not torch.equal(p, before[n])
         }
-        # The driver forwards this layer to make the next layer's inputs: see activations as at eval.
-        install_act_quant(layer, linears, spec.abits)
 
         saved = {f"{g}.let_scale": s.detach().clamp(min=SCALE_MIN).float() for g, s in learn.scales.items()}
         if learn.qk is not None:

@@ -6,7 +6,8 @@ Each entry describes one decoder layer in module paths relative to that layer:
   previous op (``prev``: a norm or a linear) into the ops that consume its output
   (``linears``) without changing the function. ``inspect`` is the module whose output AWQ's
   loss is measured on. A ``*`` in a path stands for an expert index; a group whose ``prev``
-  holds one is repeated per expert.
+  holds one is repeated per expert. ``kv_heads`` marks v→o: under grouped-query attention each
+  value channel feeds the same channel of every query head that shares its key/value head.
 * ``sequential``: the order in which the linears see their inputs (GPTQ's true-sequential).
 * ``keep_fp``: consumers that are scaled with their group but never quantized (MoE routers).
 
@@ -18,7 +19,7 @@ algorithm sees the same shapes for every entry.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -31,6 +32,7 @@ class ScalingGroup:
     prev: str
     linears: tuple[str, ...]
     inspect: str
+    kv_heads: bool = False  # prev writes per key/value head, consumers read per query head (GQA)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class ArchSpec:
 
 _ATTN = (
     ScalingGroup("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    ScalingGroup("attn_out", "self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ScalingGroup("attn_out", "self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", kv_heads=True),
 )
 _QKV, _O = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",)
 
@@ -177,7 +179,7 @@ def resolve_groups(layer: nn.Module, spec: ArchSpec) -> list[ScalingGroup]:
             inspect = group.inspect if index is None else group.inspect.replace("*", index)
             if linears:
                 suffix = "" if index is None else f".{index}"
-                out.append(ScalingGroup(group.name + suffix, prev, linears, inspect))
+                out.append(replace(group, name=group.name + suffix, prev=prev, linears=linears, inspect=inspect))
     return out
 
 
