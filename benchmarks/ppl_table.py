@@ -4,6 +4,8 @@ Calibrates once (same tokens for every method), runs each method at each weight 
 every artifact on the same windows, prints a table and writes JSON.
 
     python benchmarks/ppl_table.py --methods fp,rtn,awq,gptq,awq+gptq --specs w4g64,w3g64
+    python benchmarks/ppl_table.py --methods fp,rtn,awq,omniquant,awq+omniquant \
+        --specs w4g64,w3g64,w2g32,w6a6g-1,w4a4g-1 --omni-epochs 20 --omni-init-epochs 5
 
 Defaults: the embedded SmolLM2-135M, calibration on emma.txt, evaluation on prideprejudice.txt
 (512-token windows, the first 40), as ../shared/DATA.md suggests. Each stage's seconds are the
@@ -56,7 +58,8 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
-    ap.add_argument("--omni-epochs", type=int, default=5)
+    ap.add_argument("--omni-epochs", type=int, default=20, help="epochs of omniquant on its own (paper init)")
+    ap.add_argument("--omni-init-epochs", type=int, default=5, help="epochs of omniquant after awq (--init-from)")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppl_table.json"))
     args = ap.parse_args()
@@ -95,7 +98,7 @@ def main() -> None:
                 else:
                     extra = [] if stage == "rtn" else ["--calib", calib]
                     if stage == "omniquant":
-                        extra += ["--epochs", str(args.omni_epochs)]
+                        extra += ["--epochs", str(args.omni_epochs if i == 0 else args.omni_init_epochs)]
                         if i > 0:
                             extra += ["--init-from", source[0]]
                     path, seconds = quant(stage, *source, *flags, *extra, "-o", f"{out}.{i}" if i < len(stages) - 1 else out, "--force", "-q")
@@ -103,8 +106,9 @@ def main() -> None:
                 source, total = [path], total + seconds
             record(method, spec, source[0], total)
 
-    table = {"model": args.model or "default (SmolLM2-135M)", "calibration": {"text": args.calib_text, "nsamples": args.nsamples,
-             "seqlen": args.calib_seqlen, "seconds": round(calib_s, 1)}, "evaluation": {"text": args.eval_text, "seqlen": args.seqlen,
+    table = {"command": " ".join(sys.argv[1:]), "model": args.model or "default (SmolLM2-135M)", "calibration": {"text": args.calib_text, "nsamples": args.nsamples,
+             "seqlen": args.calib_seqlen, "seconds": round(calib_s, 1)}, "omniquant_epochs": {"omniquant": args.omni_epochs,
+             "awq+omniquant": args.omni_init_epochs}, "evaluation": {"text": args.eval_text, "seqlen": args.seqlen,
              "windows": args.windows}, "rows": rows}
     Path(args.out).write_text(json.dumps(table, indent=2))
     print(f"\n{'method':>12} {'spec':>8} {'ppl':>9} {'quant s':>8}")

@@ -2,8 +2,9 @@
 
 It captures the inputs of decoder layer 0, then for each layer: moves it to the device, computes
 the full-precision targets, hands the layer and its inputs to the algorithm, writes the
-algorithm's quantized weights into the layer, forwards the now-quantized layer to get the next
-layer's inputs, and moves the layer back. Algorithms never loop over layers themselves.
+algorithm's quantized weights into the layer, forwards the now-quantized layer (activations
+fake-quantized too when the spec asks for it) to get the next layer's inputs, and moves the layer
+back. Algorithms never loop over layers themselves.
 
 Activations ``[N, L, H]`` live on ``act_device`` (CPU by default) and are streamed through the
 layer in mini-batches, so calibration sets larger than device memory work.
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from quantcli.calib.capture import capture_layer_inputs
 from quantcli.models.arch import ArchSpec, arch_spec, decoder_layers, quantizable_linears
+from quantcli.models.load import install_activation_quant
 from quantcli.quant import QuantizedWeight, QuantSpec
 
 
@@ -183,8 +185,11 @@ def run_blockwise(
         for rel, qw in layer_result.quantized.items():
             layer.get_submodule(rel).weight.data.copy_(qw.dequantize().to(device))
         loss = None
-        if not data_free:
+        if not data_free:  # the next layer sees this one as evaluation will: activations quantized too
+            hooks = install_activation_quant(layer, list(layer_result.quantized), spec.abits)
             outputs = layer_forward(layer, inputs, kwargs, device, batch)
+            for hook in hooks:
+                hook.remove()
             loss = torch.mean((outputs - targets).float() ** 2).item()
             inputs, fp_inputs = outputs, (targets if fp_inputs is not None else None)
         layer.to("cpu")

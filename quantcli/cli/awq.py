@@ -34,6 +34,7 @@ def awq_command(
     wbits: opt.WBits = None,
     group: opt.Group = 128,
     sym: opt.Sym = False,
+    abits: opt.ABits = 16,
     calib: opt.Calib = None,
     dataset: opt.Dataset = "builtin",
     nsamples: opt.NSamples = 128,
@@ -50,8 +51,8 @@ def awq_command(
     quiet: opt.Quiet = False,
 ) -> None:
     """Search per-channel scales and clip ratios that protect salient weights, then quantize."""
-    spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym)
-    params = AWQParams(n_grid=n_grid, duo_scaling=not x_only, clip=not no_clip, max_shrink=max_shrink, seed=seed)
+    spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym, abits)
+    params = AWQParams(n_grid=n_grid, duo_scaling=not x_only, clip=not no_clip, max_shrink=max_shrink)
     loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
     run_algorithm(
         "AWQ", "awq", AWQ(params), asdict(params), loaded, spec, output, calib,

@@ -222,14 +222,16 @@ def apply_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> 
         set_weight(model, name, qw.dequantize())
 
 
-def install_activation_quant(model: nn.Module, names: list[str], abits: int) -> None:
-    """Per-token dynamic fake quantization of the input of every named linear."""
+def install_activation_quant(model: nn.Module, names: list[str], abits: int) -> list:
+    """Per-token dynamic fake quantization of the input of every named linear; the hook handles."""
     if abits >= 16:
-        return
-    for name in names:
+        return []
+    return [
         model.get_submodule(name).register_forward_pre_hook(
             lambda _mod, args: (fake_quantize_activation(args[0], abits),) + tuple(args[1:])
         )
+        for name in names
+    ]
 
 
 def materialize(artifact: Artifact, quantized: bool = True) -> tuple[nn.Module, object]:
