@@ -6,7 +6,8 @@ Steps: builds the peer venvs (setup_peers.sh, idempotent), writes calib.pt / eva
 prepare_inputs.py, checks that `quant calibrate` produces the very same calibration tokens, runs
 quantcli's AWQ and GPTQ and the peers (llm-compressor AWQ, GPTQModel GPTQ), evaluates all on the
 same windows, prints a table and writes JSON. Each tool's wall time is its quantization process
-(quantcli: the whole `quant awq|gptq` command, model load included; peers: the quantize call).
+(quantcli: the whole `quant awq|gptq` command, model load included, with the driver's own time in
+the notes; peers: the quantize call only). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def main() -> None:
         artifact = quant(method, *spec, "--calib", calib, "-o", str(a.work / f"quantcli-{method}"), "--force", "-q", "--device", "cpu")
         seconds = time.time() - started
         ppl = json.loads(quant("eval-ppl", artifact, *evaluate))["ppl"]
-        rows.append({"tool": f"quantcli-{method}", "ppl": ppl, "quant_seconds": round(seconds, 1)})
+        driver = json.loads((Path(artifact) / "manifest.json").read_text())["metrics"]["seconds"]
+        rows.append({"tool": f"quantcli-{method}", "ppl": ppl, "quant_seconds": round(seconds, 1),
+                     "notes": f"quant_seconds: the whole `quant {method}` process (Python start, model load, calibration "
+                              f"capture, writing the artifact); the layer-by-layer algorithm itself took {driver:.1f} s"})
         venv, tool = PEERS[method]
         result = a.work / f"{tool}.json"
         run([str(VENVS / venv / "bin" / "python"), str(HERE / "run_peer.py"), "--tool", tool,
