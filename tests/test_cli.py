@@ -112,6 +112,11 @@ def test_unsupported_bits(tiny_model_dir, tmp_path):
     one_line_error(quant("rtn", tiny_model_dir, "--w3", "--w4", "-o", tmp_path / "o"), "conflicting weight bit flags")
 
 
+def test_unknown_search_dtype(tiny_model_dir, tmp_path):
+    one_line_error(quant("awq", tiny_model_dir, "--search-dtype", "fp8", "-o", tmp_path / "o"), "--search-dtype fp8: use auto, float32")
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_dataset(tiny_model_dir, tmp_path):
     one_line_error(quant("calibrate", tiny_model_dir, "--dataset", "mystery", "-o", tmp_path / "c"), "unknown dataset 'mystery'")
     assert not (tmp_path / "c").exists()

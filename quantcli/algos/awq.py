@@ -47,6 +47,21 @@ class AWQParams:
     duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
+    search_dtype: str = "auto"  # of the scale search's forward passes: auto, float32, bfloat16, float16
+
+
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_search_dtype(name: str, device) -> torch.dtype:
+    """``auto``: bfloat16 where the device runs it fast (CUDA with bf16 units, a CPU oneDNN runs
+    bf16 on), else float32. The target and every candidate use the same dtype, so their losses
+    stay comparable; the weights found are applied in full precision."""
+    if name != "auto":
+        return SEARCH_DTYPES[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def fake_quant(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> Tensor:
@@ -77,11 +92,12 @@ def _out(value):
 
 
 @torch.no_grad()
-def run_inspect(module: nn.Module, x: Tensor, kwargs: dict, device, batch: int) -> Tensor:
+def run_inspect(module: nn.Module, x: Tensor, kwargs: dict, device, batch: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``module(x)`` over ``x`` (``[N, L, C]`` in chunks of ``batch`` samples, or ``[T, C]`` in
-    chunks of ``batch · 2048`` tokens); output on CPU."""
+    chunks of ``batch · 2048`` tokens), under autocast to ``dtype`` unless float32; output float32 on CPU."""
     step = batch if x.dim() == 3 else batch * 2048
-    outs = [_out(module(x[i : i + step].to(device), **kwargs)).float().cpu() for i in range(0, x.shape[0], step)]
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        outs = [_out(module(x[i : i + step].to(device), **kwargs)).float().cpu() for i in range(0, x.shape[0], step)]
     return torch.cat(outs)
 
 
@@ -101,7 +117,8 @@ def search_scale(
     inspect = layer.get_submodule(group.inspect)
     linears = {n: layer.get_submodule(n) for n in quantized}
     originals = {n: m.weight.data.clone() for n, m in linears.items()}
-    target = run_inspect(inspect, x, kwargs, device, batch)
+    dtype = resolve_search_dtype(params.search_dtype, device)
+    target = run_inspect(inspect, x, kwargs, device, batch, dtype)
     x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(dim=0).to(device)
     w_mean = weight_magnitude(list(originals.values()), spec).to(device) if params.duo_scaling else None
 
@@ -114,7 +131,7 @@ def search_scale(
         current[0] = s_in = s.view(1, -1)
         for n, m in linears.items():
             m.weight.data = fake_quant(originals[n] * s_in, spec) / s_in
-        out = run_inspect(inspect, x, kwargs, device, batch)
+        out = run_inspect(inspect, x, kwargs, device, batch, dtype)
         return torch.mean((out - target) ** 2).item()
 
     hooks = [m.register_forward_pre_hook(quantize_input) for m in linears.values()] if spec.abits < 16 else []

@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantcli.algos.awq import AWQ, AWQParams, clip_weights
+from quantcli.algos.awq import AWQ, SEARCH_DTYPES, AWQParams, clip_weights
 from quantcli.cli import _options as opt
 from quantcli.cli._console import err
 from quantcli.cli._stage import load_for_stage, run_algorithm
+from quantcli.errors import InputError
 from quantcli.stage import CalibParams
 
 EPILOG = """Examples:
@@ -44,6 +45,9 @@ def awq_command(
     x_only: Annotated[bool, typer.Option("--x-only", help="s = mean|x|^α instead of duo scaling mean|x|^α / mean|w|^(1-α).")] = False,
     max_shrink: Annotated[float, typer.Option("--max-shrink", help="Largest fraction of a group's range the clip search may cut.", min=0.0, max=0.99)] = 0.5,
     no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip the clip search.")] = False,
+    search_dtype: Annotated[
+        str, typer.Option("--search-dtype", help="auto, float32, bfloat16 or float16: the scale search's forward passes (auto: bfloat16 where fast).")
+    ] = "auto",
     save_transformed: Annotated[Optional[Path], typer.Option("--save-transformed", help="Also write the scaled, clipped fp model as an HF directory.", show_default=False)] = None,
     device: opt.Device = "auto",
     batch_size: opt.Batch = 8,
@@ -51,8 +55,10 @@ def awq_command(
     quiet: opt.Quiet = False,
 ) -> None:
     """Search per-channel scales and clip ratios that protect salient weights, then quantize."""
+    if search_dtype != "auto" and search_dtype not in SEARCH_DTYPES:
+        raise InputError(f"--search-dtype {search_dtype}: use auto, {', '.join(SEARCH_DTYPES)}")
     spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym, abits)
-    params = AWQParams(n_grid=n_grid, duo_scaling=not x_only, clip=not no_clip, max_shrink=max_shrink)
+    params = AWQParams(n_grid=n_grid, duo_scaling=not x_only, clip=not no_clip, max_shrink=max_shrink, search_dtype=search_dtype)
     loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
     run_algorithm(
         "AWQ", "awq", AWQ(params), asdict(params), loaded, spec, output, calib,
