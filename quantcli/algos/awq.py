@@ -261,14 +261,11 @@ class AWQ:
         for name in sorted(quantizable):
             w = layer.get_submodule(name).weight.data
             clip = None
-            x = feats.get(name)
-            if x is None:
-                x = feats.get(_group_input(groups, name), None)
-            if params.clip and x is not None and not name.endswith(NO_CLIP):
-                key = id(x)
-                if key not in grams:  # linears fed by the same input share its Gram matrix
-                    grams[key] = input_gram(x.to(w.device))
-                clip = search_clip(w, grams[key], spec, params)
+            source = name if name in feats else _group_input(groups, name)  # the captured input feeding it
+            if params.clip and source in feats and not name.endswith(NO_CLIP):
+                if source not in grams:  # linears fed by the same input share its Gram matrix
+                    grams[source] = input_gram(feats[source].to(w.device))
+                clip = search_clip(w, grams[source], spec, params)
             g = spec.group_for(w.shape[1])
             saved[f"{name}.clip"] = clip if clip is not None else torch.ones(w.shape[0], w.shape[1] // g)
             quantized[name] = quantize_weight(w, spec, None if clip is None else clip.to(w.device))
