@@ -11,21 +11,14 @@ from __future__ import annotations
 import argparse
 import math
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from safetensors import safe_open
 
+from _quant import quant
+
 ROOT = Path(__file__).resolve().parent.parent
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
-
-
-def quant(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "quantcli", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"quant {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
 
 
 def main() -> None:

@@ -17,21 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _quant import timed_quant
 
 ROOT = Path(__file__).resolve().parent.parent
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
-
-
-def quant(*args: str) -> tuple[str, float]:
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "quantcli", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"quant {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip(), time.time() - started
 
 
 def parse_spec(label: str) -> list[str]:
@@ -67,14 +59,14 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = [args.model] if args.model else []
-    calib, calib_s = quant("calibrate", *model, "--dataset", args.calib_text, "--nsamples", str(args.nsamples),
+    calib, calib_s = timed_quant("calibrate", *model, "--dataset", args.calib_text, "--nsamples", str(args.nsamples),
                            "--seqlen", str(args.calib_seqlen), "-o", str(work / "calib"), "--force", "-q")
     evaluate = ["--dataset", args.eval_text, "--seqlen", str(args.seqlen), "--max-windows", str(args.windows), "--json", "-q"]
 
     rows = []
 
     def record(method: str, spec: str, artifact: str | None, seconds: float) -> None:
-        out, eval_s = quant("eval-ppl", *([artifact] if artifact else model), *evaluate)
+        out, eval_s = timed_quant("eval-ppl", *([artifact] if artifact else model), *evaluate)
         result = json.loads(out)
         rows.append({"method": method, "spec": spec, "ppl": result["ppl"], "quant_seconds": round(seconds, 1),
                      "eval_seconds": round(eval_s, 1), "windows": result["windows"], "seqlen": result["seqlen"],
@@ -101,7 +93,7 @@ def main() -> None:
                         extra += ["--epochs", str(args.omni_epochs if i == 0 else args.omni_init_epochs)]
                         if i > 0:
                             extra += ["--init-from", source[0]]
-                    path, seconds = quant(stage, *source, *flags, *extra, "-o", f"{out}.{i}" if i < len(stages) - 1 else out, "--force", "-q")
+                    path, seconds = timed_quant(stage, *source, *flags, *extra, "-o", f"{out}.{i}" if i < len(stages) - 1 else out, "--force", "-q")
                     done[key] = (path, seconds)
                 source, total = [path], total + seconds
             record(method, spec, source[0], total)
