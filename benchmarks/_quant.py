@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rel(path: str | Path | None) -> str | None:
+    """``path`` relative to the repository root (``../shared/...`` for the shared data), for results files."""
+    if path is None:
+        return None
+    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
 def quant(*args: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from _quant import quant
+from _quant import quant, rel
 
 ROOT = Path(__file__).resolve().parent.parent
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
@@ -51,7 +51,7 @@ def main() -> None:
     fp16_bytes = 2 * params
     for r in rows:
         r["vs_fp16"] = r["bytes"] / fp16_bytes
-    result = {"artifact": args.artifact, "spec": manifest["spec"], "fp16_bytes": fp16_bytes, "tie_word_embeddings": config.get("tie_word_embeddings"), "rows": rows}
+    result = {"artifact": rel(args.artifact), "spec": manifest["spec"], "fp16_bytes": fp16_bytes, "tie_word_embeddings": config.get("tie_word_embeddings"), "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"artifact ppl {reference:.4f}; fp16 {fp16_bytes / 2**20:.1f} MiB")
     print(f"{'format':>20} {'ppl':>9} {'rel diff':>9} {'MiB':>7} {'vs fp16':>8}")

@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from _quant import timed_quant
+from _quant import rel, timed_quant
 
 ROOT = Path(__file__).resolve().parent.parent
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
@@ -70,7 +70,7 @@ def main() -> None:
         result = json.loads(out)
         rows.append({"method": method, "spec": spec, "ppl": result["ppl"], "quant_seconds": round(seconds, 1),
                      "eval_seconds": round(eval_s, 1), "windows": result["windows"], "seqlen": result["seqlen"],
-                     "tokens": result["tokens"], "artifact": artifact})
+                     "tokens": result["tokens"], "artifact": rel(artifact)})
         print(f"{method:>12} {spec:>8}  ppl {result['ppl']:8.3f}  quant {seconds:7.1f}s", file=sys.stderr, flush=True)
 
     methods = args.methods.split(",")
@@ -98,9 +98,9 @@ def main() -> None:
                 source, total = [path], total + seconds
             record(method, spec, source[0], total)
 
-    table = {"command": " ".join(sys.argv[1:]), "model": args.model or "default (SmolLM2-135M)", "calibration": {"text": args.calib_text, "nsamples": args.nsamples,
+    table = {"command": " ".join(sys.argv[1:]), "model": args.model or "default (SmolLM2-135M)", "calibration": {"text": rel(args.calib_text), "nsamples": args.nsamples,
              "seqlen": args.calib_seqlen, "seconds": round(calib_s, 1)}, "omniquant_epochs": {"omniquant": args.omni_epochs,
-             "awq+omniquant": args.omni_init_epochs}, "evaluation": {"text": args.eval_text, "seqlen": args.seqlen,
+             "awq+omniquant": args.omni_init_epochs}, "evaluation": {"text": rel(args.eval_text), "seqlen": args.seqlen,
              "windows": args.windows}, "rows": rows}
     Path(args.out).write_text(json.dumps(table, indent=2))
     print(f"\n{'method':>12} {'spec':>8} {'ppl':>9} {'quant s':>8}")

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--group", default="64")
     ap.add_argument("--nsamples", default="8")
     ap.add_argument("--calib-len", default="256")
-    ap.add_argument("--windows", default="4")
+    ap.add_argument("--windows", default="16")
     ap.add_argument("--eval-len", default="512")
     ap.add_argument("--methods", default="awq,gptq")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "work" / "peers")
