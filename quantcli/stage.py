@@ -16,7 +16,8 @@ from quantcli.algos.driver import LayerAlgo, LayerEvent, resolve_device, run_blo
 from quantcli.artifact import Artifact, Manifest, check_output_free, is_artifact, open_artifact, write_artifact
 from quantcli.calib.data import BUILTIN, calibration_blocks, load_texts
 from quantcli.errors import ArtifactError, InputError
-from quantcli.models.load import OVERRIDES_FILE, QUANTIZED_FILE, Loaded, quantized_payload
+from quantcli.loading import Loaded
+from quantcli.models.weights import OVERRIDES_FILE, QUANTIZED_FILE, quantized_payload
 from quantcli.quant import QuantSpec
 
 CALIB_FILE = "calib.safetensors"

@@ -116,7 +116,8 @@ def test_clip_search_counts_a_rare_token_with_a_huge_activation():
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen2MoeForCausalLM"])
 def test_awq_runs_on_table_entries_and_scales_fold_without_changing_function(arch, tmp_path):
     """AWQ's searched scales, replayed on a fresh copy without quantization, keep the logits."""
-    from quantcli.algos.awq import replay_search
+    from quantcli.algos.replay import StageReplay
+    from quantcli.loading import replay_lineage
     from quantcli.artifact import BaseModelRef, Manifest, write_artifact
 
     factory = tiny_models()[arch]
@@ -135,5 +136,5 @@ def test_awq_runs_on_table_entries_and_scales_fold_without_changing_function(arc
     )
     fresh = canonicalize(factory())
     before = fresh(ids).logits
-    replay_search(fresh, artifact)
+    replay_lineage(fresh, [StageReplay.of(artifact)], {})
     assert torch.allclose(fresh(ids).logits, before, atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from quantcli.artifact import open_artifact
 from quantcli.cli.app import app
-from quantcli.models.load import read_quantized
+from quantcli.models.weights import read_quantized
 
 runner = CliRunner()
 

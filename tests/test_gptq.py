@@ -167,7 +167,7 @@ def test_moe_experts_see_their_routed_tokens_and_rare_ones_fall_back():
 def test_gptq_command_on_a_tiny_llama(tiny_model_dir, tmp_path):
     from quantcli.artifact import open_artifact
     from quantcli.cli.app import app
-    from quantcli.models.load import read_quantized
+    from quantcli.models.weights import read_quantized
 
     text = tiny_model_dir.parent / "text.txt"
     common = ["--w4", "--group", "32", "--nsamples", "4", "--seqlen", "32", "--dataset", str(text), "--device", "cpu"]

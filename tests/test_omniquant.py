@@ -214,7 +214,7 @@ def _quant(*args, input=None):
 
 def _fake_awq(tiny_dir, name, kind="awq", spec=QuantSpec(wbits=3, group=16), config_sha=None, clip=0.9, scales=1.5):
     """A hand-made AWQ-style artifact with the documented tensor names."""
-    from quantcli.models.load import load_input
+    from quantcli.loading import load_input
 
     loaded = load_input(str(tiny_dir / "model"), quantized=False)
     base = loaded.base if config_sha is None else dataclasses.replace(loaded.base, config_sha256=config_sha)
@@ -247,7 +247,7 @@ def test_cli_omniquant_writes_an_artifact(tiny_dir):
     assert manifest["kind"] == "omniquant" and manifest["params"]["let"] is False
     layers = manifest["metrics"]["layers"]
     assert len(layers) == 2 and all(len(m["curve"]) == 2 and "loss_start" in m and "loss_end" in m for m in layers)
-    from quantcli.models.load import load_input
+    from quantcli.loading import load_input
 
     loaded = load_input(str(out))
     assert len(loaded.quantized) == 14

@@ -416,3 +416,48 @@ def test_compressed_tensors_loads_in_transformers(tmp_path, sym, tie):
     # and the packed weights really are quantized: not equal to the full-precision model's
     fp_logits = tiny_llama(tie)(ids).logits
     assert not torch.allclose(fp_logits, expected, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- packed MoE checkpoints
+
+
+def _packed_mixtral(tmp_path):
+    """A tiny Mixtral (4 experts) with every quantizable linear at w4g32, packed; the model and its dir."""
+    from quantcli.models.arch import arch_spec, decoder_layers, quantizable_linears
+    from quantcli.models.canonical import canonicalize
+
+    model = canonicalize(conftest.tiny_models()["MixtralForCausalLM"]())
+    arch, spec = arch_spec(model), QuantSpec(4, 32)
+    quantized = {}
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        for name in (n for stage in quantizable_linears(layer, arch) for n in stage):
+            qw = quantize_weight(layer.get_submodule(name).weight.data, spec)
+            layer.get_submodule(name).weight.data = qw.dequantize()
+            quantized[f"{arch.layers_path}.{i}.{name}"] = qw
+    assert any(".experts.3." in name for name in quantized)
+    out = write_packed(tmp_path / "packed", model, tiny_tokenizer(), quantized, spec, "compressed-tensors")
+    return model, out
+
+
+@torch.no_grad()
+def test_packed_moe_loads_whole_and_refuses_a_missing_expert(tmp_path):
+    """Defect 8: a packed MoE checkpoint missing an expert's tensors ran with that expert random."""
+    from safetensors.torch import load_file, save_file
+
+    from quantcli.loading import load_input
+
+    model, out = _packed_mixtral(tmp_path)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    loaded = load_input(str(out))
+    torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    dropped = [k for k in tensors if k.startswith("model.layers.1.mlp.experts.2.")]
+    assert dropped
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(InputError) as info:
+        load_input(str(out))
+    message = str(info.value)
+    assert "\n" not in message and str(weights) in message and "re-pack" in message
+    assert "model.layers.1.mlp.experts.2.down_proj.weight" in message and "3 parameters" in message

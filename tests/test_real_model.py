@@ -24,7 +24,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def real():
     pytest.importorskip("gguf")
-    from quantcli.models.load import load_input
+    from quantcli.loading import load_input
 
     if not EVAL_TEXT.is_file():
         pytest.skip(f"{EVAL_TEXT} missing (../shared beside the checkout)")

@@ -20,7 +20,7 @@ linear's output error is not worse than unclipped. Query and key projections kee
 error is not visible in a per-linear output; AutoAWQ does the same).
 
 Search is apart from apply: the artifact stores the scales and clip ratios (``awq.safetensors``)
-and :func:`replay_search` folds the scales into a fresh base model.
+and :func:`replay_awq_layer` folds one layer's scales into a fresh base model.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from quantcli.algos.driver import LayerContext, LayerResult
+from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import can_fold, channel_map, fold_scales
 from quantcli.artifact import Artifact
-from quantcli.models.arch import ScalingGroup, arch_spec, decoder_layers, resolve_groups
+from quantcli.models.arch import ArchSpec, ScalingGroup, resolve_groups
 from quantcli.quant import QuantSpec, fake_quantize_activation, quantize_weight
 from quantcli.quant.affine import grouped
 
@@ -287,16 +288,18 @@ def _group_input(groups: list[ScalingGroup], name: str) -> str | None:
     return None
 
 
-def replay_search(model: nn.Module, artifact: Artifact) -> None:
-    """Fold an AWQ artifact's searched scales into ``model`` (the base model, in place)."""
-    tensors = artifact.tensors(AWQ_FILE)
-    arch = arch_spec(model)
-    for index, layer in enumerate(decoder_layers(model, arch)):
-        prefix = f"{arch.layers_path}.{index}."
-        for group in resolve_groups(layer, arch):
-            scales = tensors.get(f"{prefix}{group.name}.scales")
-            if scales is not None:
-                fold_scales(layer, group, scales)
+@register_replay("awq")
+def replay_awq_layer(layer: nn.Module, arch: ArchSpec, tensors: dict[str, Tensor]) -> None:
+    """Fold one decoder layer's searched scales (``"<group>.scales"``, ``[C]``) into ``layer`` in place.
+
+    Folding divides ``prev``'s output channels by ``s`` and multiplies the consumers' input
+    channels by it, so the layer computes the same function; clip ratios act only on the codes.
+    """
+    device = next(layer.parameters()).device
+    for group in resolve_groups(layer, arch):
+        scales = tensors.get(f"{group.name}.scales")
+        if scales is not None:
+            fold_scales(layer, group, scales.to(device))
 
 
 def clip_weights(model: nn.Module, artifact: Artifact, spec: QuantSpec) -> None:

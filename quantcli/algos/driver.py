@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from quantcli.calib.capture import capture_layer_inputs
 from quantcli.models.arch import ArchSpec, arch_spec, decoder_layers, quantizable_linears
-from quantcli.models.load import install_activation_quant
+from quantcli.models.weights import install_activation_quant
 from quantcli.quant import QuantizedWeight, QuantSpec
 
 

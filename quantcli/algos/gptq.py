@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from quantcli.algos.driver import LayerContext, LayerResult
+from quantcli.algos.replay import register_no_replay
 from quantcli.errors import SpecError
 from quantcli.quant import QuantizedWeight, QuantSpec, compute_qparams, quantize_weight
 
@@ -301,3 +302,6 @@ class GPTQ:
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
     g_idx = None if qw.g_idx is None else qw.g_idx.cpu()
     return QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.group, g_idx)
+
+
+register_no_replay("gptq")  # GPTQ's error feedback lives in its codes: nothing to replay in full precision

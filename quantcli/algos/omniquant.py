@@ -44,7 +44,7 @@ from quantcli.algos.scaling import can_fold, channel_map, fold_scales, out_chann
 from quantcli.artifact import Artifact, is_artifact, open_artifact
 from quantcli.errors import ArtifactError, InputError
 from quantcli.models.arch import ScalingGroup, arch_spec, resolve_groups
-from quantcli.models.load import install_activation_quant
+from quantcli.models.weights import install_activation_quant
 from quantcli.quant import QuantizedWeight, QuantSpec, fake_quantize, quantize, round_ste
 from quantcli.quant.affine import grouped
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantcli.algos.driver import LayerContext, LayerResult
+from quantcli.algos.replay import register_no_replay
 from quantcli.quant import quantize_weight
 
 
@@ -28,3 +29,6 @@ class RTN:
             for name in stage
         }
         return LayerResult(quantized=quantized)
+
+
+register_no_replay("rtn")  # RTN changes nothing in full precision: its codes are the whole stage

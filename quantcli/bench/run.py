@@ -142,7 +142,7 @@ def _ratios(quant: dict, base: dict) -> dict:
 
 
 def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> dict:
-    """Bench ``loaded`` (a :class:`quantcli.models.load.Loaded`, model on CPU) on ``params.device``.
+    """Bench ``loaded`` (a :class:`quantcli.loading.Loaded`, model on CPU) on ``params.device``.
 
     Quantized linears are swapped for the best real kernel (see :mod:`quantcli.bench.kernels`);
     the rest of the model runs in ``params.dtype``. With ``params.baseline`` the unquantized base

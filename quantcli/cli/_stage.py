@@ -6,7 +6,7 @@ from pathlib import Path
 
 from quantcli.artifact import check_output_free
 from quantcli.cli._console import LayerProgress, emit, err, layer_table, status
-from quantcli.models.load import Loaded, load_input
+from quantcli.loading import Loaded, load_input
 from quantcli.stage import CalibParams, calibration_for, run_stage
 
 

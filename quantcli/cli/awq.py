@@ -74,7 +74,7 @@ def write_transformed(artifact_dir: Path, out: Path, spec, force: bool) -> None:
     """The scaled and clipped full-precision model of an AWQ artifact, as a Hugging Face directory."""
     from quantcli.artifact import atomic_directory, check_output_free, open_artifact
     from quantcli.models.canonical import hf_state_dict
-    from quantcli.models.load import materialize
+    from quantcli.loading import materialize
 
     check_output_free(out, force)
     artifact = open_artifact(artifact_dir)

@@ -13,7 +13,7 @@ from quantcli.bench.run import BenchParams, parse_bytes, run_bench
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
 from quantcli.errors import InputError
-from quantcli.models.load import load_input
+from quantcli.loading import load_input
 
 EPILOG = """Examples:
 

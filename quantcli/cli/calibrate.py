@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
-from quantcli.models.load import load_input
+from quantcli.loading import load_input
 from quantcli.stage import CalibParams, write_calibration
 
 EPILOG = """Examples:

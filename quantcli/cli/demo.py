@@ -16,7 +16,7 @@ from quantcli.calib.data import BUILTIN, load_texts, tokenize
 from quantcli.cli import _options as opt
 from quantcli.cli._console import LayerProgress, emit, err, status
 from quantcli.eval.ppl import perplexity
-from quantcli.models.load import load_input
+from quantcli.loading import load_input
 from quantcli.quant import QuantSpec
 from quantcli.stage import CalibParams, make_calibration, run_stage
 

@@ -12,7 +12,7 @@ from quantcli.calib.data import load_texts, tokenize
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
 from quantcli.eval.ppl import perplexity
-from quantcli.models.load import load_input
+from quantcli.loading import load_input
 
 EPILOG = """Examples:
 

@@ -12,7 +12,7 @@ from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
 from quantcli.errors import InputError
 from quantcli.models.canonical import strip_norm_offsets
-from quantcli.models.load import load_input
+from quantcli.loading import load_input
 from quantcli.pack.checkpoint import write_packed
 
 EPILOG = """Examples:

@@ -1,20 +1,41 @@
-"""Load a packed checkpoint directory back into a runnable model (for eval-ppl and bench)."""
+"""Read a packed checkpoint directory back into a runnable model (for eval-ppl and bench).
+
+The model is built from ``config.json``, canonicalised like any base model, its full-precision
+tensors loaded and its packed linears unpacked and dequantized into it. Every parameter starts
+as NaN, so one that neither the checkpoint's tensors nor its codes fill (an expert dropped from
+a MoE checkpoint, a truncated shard) is found by name and refused instead of running random.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from quantcli.errors import InputError
 from quantcli.models.canonical import canonicalize
-from quantcli.models.load import Loaded, apply_quantized, base_ref, install_activation_quant
-from quantcli.pack.checkpoint import read_packed
+from quantcli.models.weights import apply_quantized, install_activation_quant
+from quantcli.pack.checkpoint import INDEX_NAME, WEIGHTS_NAME, read_packed
 from quantcli.pack.formats import spec_from_config
+from quantcli.quant import QuantizedWeight, QuantSpec
 
 
-def load_packed(path: Path, device: str = "cpu") -> Loaded:
-    """Build the model from config.json, load its fp tensors, unpack and dequantize the rest."""
+@dataclass
+class PackedModel:
+    """A packed checkpoint loaded for running: the dequantized model and what it was packed with."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: QuantSpec
+    quantized: dict[str, QuantizedWeight]
+    config: dict  # config.json as written (with ``quantization_config`` and quantcli's provenance)
+
+
+def load_packed(path: Path) -> PackedModel:
+    """Build the model from config.json, load its fp tensors, unpack and dequantize the rest (on CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config_dict, quantized, fp_state = read_packed(path)
@@ -25,17 +46,28 @@ def load_packed(path: Path, device: str = "cpu") -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (ValueError, KeyError, OSError) as exc:
         raise InputError(f"{path}: cannot build the model from its config.json ({str(exc).splitlines()[0][:160]})") from None
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in fp_state.items()}, strict=False)
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(math.nan)
+    state = {k: v.float() for k, v in fp_state.items()}
+    _, unexpected = model.load_state_dict(state, strict=False)  # the Hugging Face layout (fused experts, …)
     model.tie_weights()
     canonicalize(model)
+    leftover = {k: state[k] for k in unexpected}  # tensors stored in the canonical layout (per-expert linears)
+    _, unexpected = model.load_state_dict(leftover, strict=False)
     apply_quantized(model, quantized)
-    expected_missing = {f"{name}.weight" for name in quantized} | {"lm_head.weight"}
-    absent = [k for k in missing if k not in expected_missing and ".experts." not in k]
-    if absent or unexpected:
-        raise InputError(f"{path}: tensors do not match the config (missing {absent[:2]}, unexpected {unexpected[:2]}); re-pack it")
+    weights = path / (INDEX_NAME if (path / INDEX_NAME).is_file() else WEIGHTS_NAME)
+    missing = [name for name, param in model.named_parameters() if torch.isnan(param).all()]
+    if missing:
+        raise InputError(
+            f"{weights}: holds no tensors for {len(missing)} parameters of the model "
+            f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); the checkpoint is incomplete, re-pack it"
+        )
+    if unexpected:
+        raise InputError(f"{weights}: tensors the config does not describe ({', '.join(unexpected[:3])}); re-pack it")
     spec = spec_from_config(config_dict)
     install_activation_quant(model, sorted(quantized), spec.abits)
-    model.eval().to(device)
-    return Loaded(model, tokenizer, path, base_ref(path, str(path)), None, spec, quantized)
+    model.eval()
+    return PackedModel(model, tokenizer, spec, quantized, config_dict)

@@ -1,0 +1,143 @@
+"""What the user named → a model: the one place that turns an input into something that runs.
+
+An input is ``None`` (the embedded default model), a Hugging Face model directory, a GGUF file
+(or a directory holding one), a hub id already in the local cache, a quantcli artifact, or a
+packed checkpoint directory. This module sits above :mod:`quantcli.models` (base models and
+weights), :mod:`quantcli.algos` (each algorithm's layer replay) and :mod:`quantcli.pack` (packed
+checkpoints); none of them imports it.
+
+``materialize(artifact)`` rebuilds the model an artifact describes from its base model, one
+decoder layer at a time: for layer ``i``, every stage of the lineage (root first) replays its
+full-precision transform on it (:mod:`quantcli.algos.replay`), then the last stage's integer
+codes are dequantized into its linears. Activation fake-quant is installed when the spec
+quantizes activations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from quantcli.algos.replay import StageReplay, layer_tensors
+from quantcli.artifact import Artifact, BaseModelRef, is_artifact, open_artifact
+from quantcli.errors import ArtifactError, InputError
+from quantcli.models.arch import arch_spec, architecture_name, decoder_layers
+from quantcli.models.load import base_ref, config_hash, load_base, quiet_hub, resolve_base_dir
+from quantcli.models.weights import apply_quantized, install_activation_quant, read_quantized
+from quantcli.pack.load import load_packed
+from quantcli.quant import QuantizedWeight, QuantSpec
+
+
+@dataclass
+class Loaded:
+    """A model ready to run, with everything the stages need to know about where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    base_dir: Path
+    base: BaseModelRef
+    artifact: Artifact | None = None
+    spec: QuantSpec | None = None
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return architecture_name(self.model)
+
+
+def base_dir_of(artifact: Artifact) -> Path:
+    """The base model directory of an artifact, refused if it is gone or its config changed."""
+    ref = artifact.manifest.base_model
+    model_dir = Path(ref.ref)
+    if not (model_dir / "config.json").is_file():
+        raise ArtifactError(f"{artifact.path}: its base model {model_dir} is missing; restore it or re-run the stage")
+    if config_hash(model_dir) != ref.config_sha256:
+        raise ArtifactError(
+            f"{artifact.path}: base model {model_dir} has changed since the artifact was made (config hash differs); re-run the stage"
+        )
+    return model_dir
+
+
+def spec_of(artifact: Artifact | None) -> QuantSpec | None:
+    if artifact is None or artifact.manifest.spec is None:
+        return None
+    return QuantSpec.from_dict(artifact.manifest.spec)
+
+
+def replay_lineage(model: nn.Module, stages: list[StageReplay], codes: dict[str, QuantizedWeight]) -> None:
+    """Replay ``stages`` (root first) onto ``model`` layer by layer, then put ``codes`` (full names) in.
+
+    Layer ``i`` gets every stage's transform in lineage order, then its own dequantized codes;
+    overrides and codes outside the decoder layers follow.
+    """
+    arch = arch_spec(model)
+    for index, layer in enumerate(decoder_layers(model, arch)):
+        for stage in stages:
+            stage.replay_layer(layer, arch, index)
+        apply_quantized(layer, layer_tensors(codes, f"{arch.layers_path}.{index}."))
+    for stage in stages:
+        stage.replay_outside_layers(model, arch)
+    apply_quantized(model, {k: v for k, v in codes.items() if not k.startswith(f"{arch.layers_path}.")})
+
+
+def materialize(artifact: Artifact, quantized: bool = True) -> tuple[nn.Module, object]:
+    """The model an artifact describes: the base model with its lineage replayed onto it.
+
+    ``quantized=False`` stops before the last stage's codes: the transformed full-precision
+    model a following stage starts from (it computes the base model's function).
+    """
+    model, tokenizer, _ = _rebuild(artifact, quantized)
+    return model, tokenizer
+
+
+def _rebuild(artifact: Artifact, quantized: bool) -> tuple[nn.Module, object, dict[str, QuantizedWeight]]:
+    """:func:`materialize`, also returning the codes it put in (empty when ``quantized=False``)."""
+    chain = [a for a in artifact.lineage() if a.kind != "calib"]
+    stages = [StageReplay.of(a) for a in chain]  # an unknown kind fails before the model loads
+    base_dir = base_dir_of(chain[0])
+    codes = read_quantized(artifact) if quantized else {}
+    model, tokenizer = load_base(base_dir)
+    replay_lineage(model, stages, codes)
+    spec = spec_of(artifact)
+    if quantized and spec is not None:
+        install_activation_quant(model, sorted(codes), spec.abits)
+    return model, tokenizer, codes
+
+
+def is_packed_dir(path: Path) -> bool:
+    """Whether ``path`` is a packed (quantized Hugging Face) checkpoint directory."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("quantization_config"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{config}: not valid JSON") from None
+
+
+def load_input(source: str | None, device: str = "cpu", quantized: bool = True) -> Loaded:
+    """Load what the user named: None (the default model), a model directory, GGUF, hub id,
+    artifact or packed checkpoint directory; the model is moved to ``device``.
+
+    For an artifact, ``quantized=True`` gives the quantized model it describes and
+    ``quantized=False`` the transformed full-precision model the next stage starts from.
+    """
+    quiet_hub()
+    if source is not None and is_artifact(source):
+        artifact = open_artifact(source)
+        if artifact.kind == "calib":
+            raise InputError(f"{source}: a calibration artifact is not a model; pass it with --calib")
+        model, tokenizer, codes = _rebuild(artifact, quantized)
+        loaded = Loaded(model, tokenizer, base_dir_of(artifact), artifact.manifest.base_model, artifact, spec_of(artifact), codes)
+    elif source is not None and is_packed_dir(Path(source)):
+        packed = load_packed(Path(source))
+        loaded = Loaded(packed.model, packed.tokenizer, Path(source), base_ref(Path(source), source), None, packed.spec, packed.quantized)
+    else:
+        base_dir, label = resolve_base_dir(source)
+        model, tokenizer = load_base(base_dir)
+        loaded = Loaded(model, tokenizer, base_dir, base_ref(base_dir, label))
+    loaded.model.to(device)
+    return loaded

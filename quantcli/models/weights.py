@@ -1,0 +1,83 @@
+"""Weights an artifact or a packed checkpoint puts into a model: codes, fp overrides, activation hooks.
+
+``quantized.safetensors`` holds, per quantized linear ``name``, ``name.qweight`` (integer codes
+``[out, in]`` as uint8), ``name.scales`` and ``name.zeros`` (``[out, in // group]``) and, under
+act-order, ``name.g_idx`` (``[in]``). ``overrides.safetensors`` holds full-precision parameters
+a stage changed (full names, e.g. ``model.layers.0.input_layernorm.weight``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantcli.artifact import Artifact
+from quantcli.errors import ArtifactError
+from quantcli.quant import QuantizedWeight, fake_quantize_activation
+
+QUANTIZED_FILE = "quantized.safetensors"
+OVERRIDES_FILE = "overrides.safetensors"
+
+
+def read_quantized(artifact: Artifact) -> dict[str, QuantizedWeight]:
+    """The artifact's quantized linears: module name → codes, scales, zeros (and g_idx)."""
+    if not artifact.has(QUANTIZED_FILE):
+        return {}
+    tensors = artifact.tensors(QUANTIZED_FILE)
+    out: dict[str, QuantizedWeight] = {}
+    for key in tensors:
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            codes, scale = tensors[key], tensors[f"{name}.scales"]
+            g_idx = tensors.get(f"{name}.g_idx")
+            group = codes.shape[1] // scale.shape[1]
+            out[name] = QuantizedWeight(codes, scale.float(), tensors[f"{name}.zeros"].float(), group, g_idx)
+    return out
+
+
+def quantized_payload(quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`read_quantized`: the tensors of ``quantized.safetensors``."""
+    payload: dict[str, torch.Tensor] = {}
+    for name, qw in quantized.items():
+        payload[f"{name}.qweight"] = qw.codes.to(torch.uint8)
+        payload[f"{name}.scales"] = qw.scale.float()
+        payload[f"{name}.zeros"] = qw.zero.round().to(torch.uint8)
+        if qw.g_idx is not None:
+            payload[f"{name}.g_idx"] = qw.g_idx.to(torch.int32)
+    return payload
+
+
+def set_weight(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    module = model.get_submodule(name)
+    module.weight.data.copy_(weight.to(module.weight.dtype))
+
+
+def apply_overrides(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "artifact") -> None:
+    """Copy full-precision tensors (names relative to ``model``) into its parameters and buffers.
+
+    ``where`` names the source in the error raised for a tensor the model does not have.
+    """
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for key, value in tensors.items():
+        if key not in params:
+            raise ArtifactError(f"{where}: overrides tensor {key}, which this model does not have; re-create the artifact")
+        params[key].data.copy_(value.to(params[key].dtype))
+
+
+def apply_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """Put each quantized linear's dequantized weight (names relative to ``model``) into it."""
+    for name, qw in quantized.items():
+        set_weight(model, name, qw.dequantize())
+
+
+def install_activation_quant(model: nn.Module, names: list[str], abits: int) -> list:
+    """Per-token dynamic fake quantization of the input of every named linear; the hook handles."""
+    if abits >= 16:
+        return []
+    return [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _mod, args: (fake_quantize_activation(args[0], abits),) + tuple(args[1:])
+        )
+        for name in names
+    ]
