@@ -107,19 +107,3 @@ def run_stage(
         payloads[OVERRIDES_FILE] = result.overrides
     return write_artifact(out, manifest, payloads, force=force)
 
-
-def layer_upstream(artifact: Artifact | None, file: str, layers_path: str = "model.layers") -> Callable[[int], dict[str, torch.Tensor]]:
-    """Per-layer view of a parent artifact's payload ``file`` (names made relative to the layer).
-
-    ``layer_upstream(awq_artifact, "awq.safetensors")(3)`` gives layer 3's AWQ scales
-    (``"<group>.scales"``) and clip ratios (``"<linear>.clip"``); empty when there is none.
-    """
-    if artifact is None or not artifact.has(file):
-        return lambda _i: {}
-    tensors = artifact.tensors(file)
-
-    def for_layer(index: int) -> dict[str, torch.Tensor]:
-        prefix = f"{layers_path}.{index}."
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    return for_layer

@@ -35,7 +35,7 @@ from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import can_fold, channel_map, fold_scales
 from quantcli.artifact import Artifact
 from quantcli.models.arch import ArchSpec, ScalingGroup, resolve_groups
-from quantcli.quant import QuantSpec, fake_quantize_activation, quantize_weight
+from quantcli.quant import QuantSpec, clip_range, fake_quantize_activation, quantize_weight
 from quantcli.quant.affine import grouped
 
 AWQ_FILE = "awq.safetensors"
@@ -48,7 +48,7 @@ class AWQParams:
     duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
-    search_dtype: str = "auto"  # of the scale search's forward passes: auto, float32, bfloat16, float16
+    search_dtype: str = "float32"  # of the scale search's forward passes: float32, auto, bfloat16, float16
 
 
 SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -311,8 +311,7 @@ def clip_weights(model: nn.Module, artifact: Artifact, spec: QuantSpec) -> None:
         weight = model.get_submodule(key[: -len(".clip")]).weight
         g = spec.group_for(weight.shape[1])
         wg = grouped(weight.data, g)
-        hi = wg.amax(dim=-1).clamp(min=0) * ratio
-        lo = wg.amin(dim=-1).clamp(max=0) * ratio
+        lo, hi = clip_range(wg, ratio)
         if spec.sym:
             hi = torch.maximum(hi, -lo)
             lo = -hi

@@ -34,7 +34,7 @@ from torch import Tensor
 from quantcli.algos.driver import LayerContext, LayerResult
 from quantcli.algos.replay import register_no_replay
 from quantcli.errors import SpecError
-from quantcli.quant import QuantizedWeight, QuantSpec, compute_qparams, quantize_weight
+from quantcli.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize_affine, quantize_affine, quantize_weight
 
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
 
@@ -181,7 +181,6 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     if U is None:
         return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}")
 
-    maxq = spec.maxq
     Wp = W[:, perm].clone()  # visiting order; corrected in place, column by column
     codes = torch.empty(out_features, n, dtype=torch.uint8, device=W.device)
     if params.static_groups:
@@ -200,9 +199,9 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
                 ratio = None if clip is None else clip[:, j : j + 1]
                 scale[:, j : j + 1], zero[:, j : j + 1] = compute_qparams(Wp[:, i : i + group], spec.wbits, group, spec.sym, ratio)
             w, s, z = Wp[:, i], scale[:, j], zero[:, j]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            q = quantize_affine(w, s, z, spec.wbits)
             codes[:, i] = q.to(torch.uint8)
-            e = (w - (q - z) * s) / U[i, i]
+            e = (w - dequantize_affine(q, s, z)) / U[i, i]
             Wp[:, i + 1 : i2].addr_(e, U[i, i + 1 : i2], alpha=-1)
             errors[:, i - i1] = e
         Wp[:, i2:].addmm_(errors, U[i1:i2, i2:], alpha=-1)

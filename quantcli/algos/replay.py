@@ -107,8 +107,3 @@ class StageReplay:
         """Apply this stage's overrides of parameters outside the decoder layers (if any)."""
         outside = {k: v for k, v in self.overrides.items() if not k.startswith(f"{arch.layers_path}.")}
         apply_overrides(model, outside, where=str(self.artifact.path))
-
-
-# TODO(helper "omni"): algos/omniquant.py registers the exact LET replay for "omniquant" (issue 11,
-# defect 1); delete this line then. Until that lands an OmniQuant stage replays its overrides only.
-register_no_replay("omniquant")

@@ -46,8 +46,8 @@ def awq_command(
     max_shrink: Annotated[float, typer.Option("--max-shrink", help="Largest fraction of a group's range the clip search may cut.", min=0.0, max=0.99)] = 0.5,
     no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip the clip search.")] = False,
     search_dtype: Annotated[
-        str, typer.Option("--search-dtype", help="auto, float32, bfloat16 or float16: the scale search's forward passes (auto: bfloat16 where fast).")
-    ] = "auto",
+        str, typer.Option("--search-dtype", help="float32, auto, bfloat16 or float16: the scale search's forward passes (auto: bfloat16 where fast, which cost perplexity on text it was not tuned on).")
+    ] = "float32",
     save_transformed: Annotated[Optional[Path], typer.Option("--save-transformed", help="Also write the scaled, clipped fp model as an HF directory.", show_default=False)] = None,
     device: opt.Device = "auto",
     batch_size: opt.Batch = 8,

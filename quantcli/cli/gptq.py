@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from quantcli.algos.gptq import GPTQ, GPTQParams
+from quantcli.algos.parent import reuse_awq
 from quantcli.cli import _options as opt
 from quantcli.cli._stage import load_for_stage, run_algorithm
 from quantcli.errors import SpecError
-from quantcli.stage import CalibParams, layer_upstream
+from quantcli.stage import CalibParams
 
 EPILOG = """Examples:
 
@@ -66,22 +67,11 @@ def gptq_command(
     spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym, abits)
     params = GPTQParams(damp, block_size, act_order, static_groups, true_sequential, min_expert_tokens)
     loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
-    upstream = lambda _i: {}  # noqa: E731
-    if loaded.artifact is not None and loaded.artifact.kind == "awq":
-        _check_awq(loaded.artifact, spec, params)
-        upstream = layer_upstream(loaded.artifact, "awq.safetensors")
+    upstream, awq = reuse_awq(loaded, spec)  # INPUT an AWQ artifact: its clips (scales are folded in already)
+    if awq is not None and params.act_order and not params.static_groups and spec.group != -1:
+        raise SpecError(f"{awq['from']}: AWQ clip ratios belong to contiguous groups; add --static-groups to --act-order")
     run_algorithm(
         "GPTQ", "gptq", GPTQ(params), asdict(params), loaded, spec, output, calib,
         CalibParams(dataset, nsamples, seqlen, seed), device, batch_size, force, quiet, upstream=upstream,
     )
 
-
-def _check_awq(artifact, spec, params: GPTQParams) -> None:
-    """AWQ clip ratios are per contiguous group of the AWQ spec: the GPTQ groups must be the same."""
-    awq_group = (artifact.manifest.spec or {}).get("group", spec.group)
-    if awq_group != spec.group:
-        raise SpecError(
-            f"{artifact.path}: its AWQ clip ratios were searched for --group {awq_group}, not {spec.group}; use --group {awq_group}"
-        )
-    if params.act_order and not params.static_groups and spec.group != -1:
-        raise SpecError(f"{artifact.path}: AWQ clip ratios belong to contiguous groups; add --static-groups to --act-order")

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from quantcli.algos.omniquant import OmniQuant, OmniQuantParams, awq_init, open_awq_init
+from quantcli.algos.omniquant import OmniQuant, OmniQuantParams, init_record
+from quantcli.algos.parent import open_awq, reuse_awq
 from quantcli.cli import _options as opt
 from quantcli.cli._stage import load_for_stage, run_algorithm
 from quantcli.stage import CalibParams
@@ -61,10 +62,10 @@ def omniquant_command(
     """Train clip factors (and channel scales) per decoder layer to match the fp layer's outputs, then quantize."""
     spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym, abits)
     params = OmniQuantParams(epochs=epochs, lwc=lwc, let=let, lwc_lr=lwc_lr, let_lr=let_lr, batch_size=batch_size, seed=seed)
-    init_artifact = open_awq_init(init_from, spec) if init_from is not None else None  # refuse before loading
+    init_artifact = open_awq(init_from, spec) if init_from is not None else None  # refuse before loading
     loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
-    upstream, init_info = awq_init(loaded, init_artifact, spec)
-    recorded = {**asdict(params), "let": params.let_for(spec), "init": init_info}
+    upstream, awq = reuse_awq(loaded, spec, init_artifact)
+    recorded = {**asdict(params), "let": params.let_for(spec), "init": init_record(awq)}
     run_algorithm(
         "OmniQuant", "omniquant", OmniQuant(params), recorded, loaded, spec, output, calib,
         CalibParams(dataset, nsamples, seqlen, seed), device, batch_size, force, quiet, upstream=upstream,

@@ -3,11 +3,15 @@
 from quantcli.quant.spec import QuantSpec
 from quantcli.quant.affine import (
     QuantizedWeight,
+    choose_qparams,
+    clip_range,
     compute_qparams,
     dequantize,
+    dequantize_affine,
     fake_quantize,
     fake_quantize_activation,
     quantize,
+    quantize_affine,
     quantize_weight,
     round_ste,
 )
@@ -15,11 +19,15 @@ from quantcli.quant.affine import (
 __all__ = [
     "QuantSpec",
     "QuantizedWeight",
+    "choose_qparams",
+    "clip_range",
     "compute_qparams",
     "dequantize",
+    "dequantize_affine",
     "fake_quantize",
     "fake_quantize_activation",
     "quantize",
+    "quantize_affine",
     "quantize_weight",
     "round_ste",
 ]

@@ -12,7 +12,10 @@ Conventions, shared by every algorithm and every pack format:
 * Asymmetric quantization takes the group's range ``[min(w, 0), max(w, 0)]``, so zero is
   always representable and ``zero`` stays in ``[0, 2**bits - 1]``.
 * A clip ratio ``r ∈ (0, 1]`` per ``(row, group)`` (AWQ's clip search, OmniQuant's LWC) shrinks
-  that range before the scale is computed: ``[r·min, r·max]``.
+  that range before the scale is computed: ``[r·min, r·max]`` (LWC: one ratio per end).
+* The formula lives once, in :func:`choose_qparams` (scale/zero of last-dim blocks) →
+  :func:`quantize_affine` → :func:`dequantize_affine`; weights, activations, GPTQ's columns,
+  AWQ's clip search and OmniQuant's LWC all go through it.
 * An optional ``g_idx: [in]`` maps each input column to its group (GPTQ act-order without
   static groups); without it column ``j`` belongs to group ``j // g``.
 """
@@ -49,28 +52,71 @@ def grouped(w: Tensor, group: int) -> Tensor:
     return w.reshape(out_features, in_features // group, group)
 
 
-def compute_qparams(
-    w: Tensor, bits: int, group: int, sym: bool, clip: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Scale and zero of ``w: [out, in]`` per ``(row, group)``; ``clip: [out, in // group]`` or None.
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` in the forward pass, identity gradient in the backward pass (straight-through)."""
+    return x + (torch.round(x) - x).detach()
 
+
+def clip_range(x: Tensor, clip_hi: Tensor | None = None, clip_lo: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The range ``[lo, hi]`` over the last dim of ``x: [..., n]`` that the quantizer covers: ``[...]`` each.
+
+    ``lo = clip_lo · min(x, 0)``, ``hi = clip_hi · max(x, 0)`` (zero always inside); ``clip_lo``
+    defaults to ``clip_hi``, and no ratio means the full range. Differentiable in the ratios.
+    """
+    hi = x.amax(dim=-1).clamp(min=0)
+    lo = x.amin(dim=-1).clamp(max=0)
+    if clip_hi is not None:
+        hi = hi * clip_hi
+        lo = lo * (clip_hi if clip_lo is None else clip_lo)
+    return lo, hi
+
+
+def choose_qparams(
+    x: Tensor, bits: int, sym: bool, clip_hi: Tensor | None = None, clip_lo: Tensor | None = None, ste: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero of each last-dim block of ``x: [..., n]`` (``scale, zero: [...]``): THE quantizer formula.
+
+    Weights pass ``grouped(w, g)`` (one block per ``(row, group)``), activations ``[tokens, C]``
+    (one per token). Over the clipped range ``[lo, hi]`` (:func:`clip_range`):
+
+    * asymmetric: ``scale = (hi − lo) / (2**bits − 1)``, ``zero = clamp(round(−lo / scale), 0, 2**bits − 1)``;
+    * symmetric: ``scale = max(hi, −lo) / ((2**bits − 1) / 2)``, ``zero = 2**(bits−1)``.
+
+    ``scale ≥ 1e-8``. Built without in-place ops, so it is differentiable in ``x`` and the clip
+    ratios (learnable clipping); ``ste=True`` rounds the zero straight-through, else its gradient is 0.
+    """
+    maxq = 2**bits - 1
+    lo, hi = clip_range(x, clip_hi, clip_lo)
+    if sym:
+        scale = (torch.maximum(hi, -lo) / (maxq / 2)).clamp(min=_EPS)
+        return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+    scale = ((hi - lo) / maxq).clamp(min=_EPS)
+    zero = torch.clamp((round_ste if ste else torch.round)(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize_affine(x: Tensor, scale: Tensor, zero: Tensor, bits: int, ste: bool = False) -> Tensor:
+    """Integer levels (as floats) ``clamp(round(x / scale) + zero, 0, 2**bits − 1)``; ``scale, zero`` broadcast to ``x``.
+
+    ``ste=True``: straight-through rounding (identity gradient inside the clamp range).
+    """
+    return torch.clamp((round_ste if ste else torch.round)(x / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_affine(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """``(q − zero) · scale`` with ``scale, zero`` broadcast to ``q``."""
+    return (q - zero) * scale
+
+
+def compute_qparams(
+    w: Tensor, bits: int, group: int, sym: bool, clip: Tensor | None = None, clip_lo: Tensor | None = None, ste: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero of ``w: [out, in]`` per ``(row, group)`` (:func:`choose_qparams` on ``grouped(w, group)``).
+
+    ``clip`` (upper, and lower unless ``clip_lo`` is given): ratios ``[out, in // group]`` or None.
     Returns ``scale, zero: [out, in // group]`` in float32.
     """
-    wg = grouped(w.float(), group)
-    maxq = 2**bits - 1
-    wmax = wg.amax(dim=-1).clamp(min=0)
-    wmin = wg.amin(dim=-1).clamp(max=0)
-    if clip is not None:
-        wmax = wmax * clip
-        wmin = wmin * clip
-    if sym:
-        amax = torch.maximum(wmax, -wmin)
-        scale = (amax / (maxq / 2)).clamp(min=_EPS)
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
-    else:
-        scale = ((wmax - wmin) / maxq).clamp(min=_EPS)
-        zero = torch.round(-wmin / scale).clamp(0, maxq)
-    return scale, zero
+    return choose_qparams(grouped(w.float(), group), bits, sym, clip, clip_lo, ste)
 
 
 def _expand(param: Tensor, group: int, g_idx: Tensor | None) -> Tensor:
@@ -84,18 +130,14 @@ def quantize(
     w: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int, g_idx: Tensor | None = None
 ) -> Tensor:
     """Codes ``uint8 [out, in]``: ``clamp(round(w / scale) + zero, 0, 2**bits - 1)``."""
-    s = _expand(scale, group, g_idx)
-    z = _expand(zero, group, g_idx)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, 2**bits - 1).to(torch.uint8)
+    return quantize_affine(w.float(), _expand(scale, group, g_idx), _expand(zero, group, g_idx), bits).to(torch.uint8)
 
 
 def dequantize(
     codes: Tensor, scale: Tensor, zero: Tensor, group: int, g_idx: Tensor | None = None
 ) -> Tensor:
     """Weights ``float32 [out, in]``: ``(codes - zero) * scale``."""
-    s = _expand(scale.float(), group, g_idx)
-    z = _expand(zero.float(), group, g_idx)
-    return (codes.float() - z) * s
+    return dequantize_affine(codes.float(), _expand(scale.float(), group, g_idx), _expand(zero.float(), group, g_idx))
 
 
 def quantize_weight(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> QuantizedWeight:
@@ -106,11 +148,6 @@ def quantize_weight(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> Q
     return QuantizedWeight(codes=codes, scale=scale, zero=zero, group=group)
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """``round(x)`` in the forward pass, identity gradient in the backward pass (straight-through)."""
-    return x + (torch.round(x) - x).detach()
-
-
 def fake_quantize(
     w: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int, ste: bool = True
 ) -> Tensor:
@@ -119,11 +156,8 @@ def fake_quantize(
     Gradients flow to ``w`` (identity inside the clamp range) and to ``scale`` and ``zero``, as
     learnable weight clipping needs.
     """
-    rnd = round_ste if ste else torch.round
-    s = _expand(scale, group, None)
-    z = _expand(zero, group, None)
-    q = torch.clamp(rnd(w / s) + z, 0, 2**bits - 1)
-    return (q - z) * s
+    s, z = _expand(scale, group, None), _expand(zero, group, None)
+    return dequantize_affine(quantize_affine(w, s, z, bits, ste), s, z)
 
 
 def fake_quantize_activation(x: Tensor, bits: int, sym: bool = False) -> Tensor:
@@ -133,14 +167,6 @@ def fake_quantize_activation(x: Tensor, bits: int, sym: bool = False) -> Tensor:
     """
     if bits >= 16:
         return x
-    maxq = 2**bits - 1
-    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0)
-    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    if sym:
-        scale = (torch.maximum(xmax, -xmin) / (maxq / 2)).clamp(min=_EPS)
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
-    else:
-        scale = ((xmax - xmin) / maxq).clamp(min=_EPS)
-        zero = torch.round(-xmin / scale)
-    q = torch.clamp(round_ste(x / scale) + zero, 0, maxq)
-    return (q - zero) * scale
+    scale, zero = choose_qparams(x, bits, sym)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return dequantize_affine(quantize_affine(x, scale, zero, bits, ste=True), scale, zero)

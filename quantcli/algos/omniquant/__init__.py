@@ -1,0 +1,32 @@
+"""OmniQuant: learnable weight clipping (LWC) and learnable equivalent transforms (LET), block by block.
+
+* ``lwc.py``: the clip factors and the quantizer they train through.
+* ``let.py``: the channel scales, the transform they make and :func:`fold_let`, which is also this
+  kind's replay (an artifact's fp model = its base model with the saved scales folded in).
+* ``train.py``: the per-layer algorithm (:class:`OmniQuant`) and its training loop.
+
+No q·kᵀ scale: weights are quantized per row/group and neither Q, K nor the attention matmul is
+quantized, so a scale between q_proj and k_proj cancels (Q(c·w) = c·Q(w)); it comes back with KV
+quantization, where it acts.
+"""
+
+from __future__ import annotations
+
+from quantcli.algos.omniquant.let import fold_let
+from quantcli.algos.omniquant.train import OmniQuant, OmniQuantParams
+
+OMNIQUANT_FILE = "omniquant.safetensors"
+
+
+def init_record(awq: dict | None) -> dict:
+    """What LWC and LET started from, for the manifest (``awq``: the parent-AWQ provenance, or None)."""
+    if awq is None:
+        return {"lwc": "paper (a=4)", "let": "smoothquant (alpha 0.5)"}
+    return {
+        "from": awq["from"],
+        "lwc": "awq clips (logit of r clamped to (1e-4, 1-1e-4))",
+        "let": "awq scales" if awq["scales"] == "searched" else "identity (s = 1): INPUT already carries the awq scales",
+    }
+
+
+__all__ = ["OMNIQUANT_FILE", "OmniQuant", "OmniQuantParams", "fold_let", "init_record"]
