@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_models
-from quantcli.algos.awq import AWQ, AWQParams, candidate_scales, fake_quant, input_gram, search_clip, search_scale
+from quantcli.algos.awq import AWQ, AWQParams, candidate_scales, fake_quant, input_gram, search_clip, search_scale, weight_magnitude
 from quantcli.algos.driver import run_blockwise
 from quantcli.models.arch import ScalingGroup
 from quantcli.models.canonical import canonicalize
@@ -33,18 +33,37 @@ def outlier_inputs(n=2048, dim=64, seed=0):
     return x
 
 
-def test_awq_error_not_above_rtn_with_outlier_channels():
-    torch.manual_seed(0)
-    module = NormLinear()
-    x = outlier_inputs()
-    spec = QuantSpec(wbits=3, group=32)
+def _toy_group():
     layer = nn.Module()
-    layer.block = module  # the inspected module: the group's whole output
-    group = ScalingGroup("toy", "block.norm", ("block.a", "block.b"), "block")
-    s, awq_loss, rtn_loss = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, AWQParams(), "cpu", 4096)
-    assert awq_loss <= rtn_loss
-    assert awq_loss < 0.8 * rtn_loss  # the outliers give AWQ real room
-    assert s[:4].mean() > s[4:].mean()  # salient channels get the larger scales
+    layer.block = NormLinear()  # the inspected module: the group's whole output
+    return layer, ScalingGroup("toy", "block.norm", ("block.a", "block.b"), "block")
+
+
+def test_scale_search_picks_the_best_candidate_and_protects_the_outlier_channels():
+    """The search's CHOICE: the returned scale is the candidate (s = 1 or a grid point) with the lowest
+    exact objective ‖Q(W·s)(x/s) − W·x‖², computed here independently, and the four injected
+    outlier input channels get the four largest scales."""
+    torch.manual_seed(0)
+    layer, group = _toy_group()
+    x = outlier_inputs()
+    spec, params = QuantSpec(wbits=3, group=32), AWQParams()
+    s, awq_loss, rtn_loss = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, params, "cpu", 4096)
+    assert set(s.topk(4).indices.tolist()) == {0, 1, 2, 3}
+
+    weights = [layer.block.a.weight.detach(), layer.block.b.weight.detach()]
+    target = x @ (weights[0] + weights[1]).T
+
+    def objective(c: torch.Tensor) -> float:
+        out = sum((x / c) @ fake_quant(w * c, spec).T for w in weights)
+        return torch.mean((out - target) ** 2).item()
+
+    x_mean, w_mean = x.abs().mean(dim=0), weight_magnitude(weights, spec)
+    candidates = [torch.ones(64)] + [candidate_scales(x_mean, w_mean, i / params.n_grid) for i in range(params.n_grid)]
+    losses = [objective(c) for c in candidates]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert best > 0 and losses[best] < 0.8 * losses[0]  # the outliers give AWQ real room over s = 1
+    assert torch.allclose(s, candidates[best]) and awq_loss == pytest.approx(losses[best], rel=1e-4)
+    assert rtn_loss == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_weight_activation_search_smooths_outlier_activations():
@@ -85,22 +104,42 @@ def test_candidate_scales_are_normalised():
     assert torch.isclose((s.max() * s.min()).sqrt(), torch.tensor(1.0))
 
 
-def test_clip_search_never_worse_than_unclipped():
+def exact_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, params: AWQParams = AWQParams()) -> torch.Tensor:
+    """Reference: per (row, group) the grid ratio minimising ‖(Q_r(w_g) − w_g)·x_gᵀ‖² over EVERY token,
+    computed from the tokens themselves in float64 (no Gram matrix); ties keep the larger ratio."""
+    g, n_groups = spec.group, w.shape[1] // spec.group
+    best_r = torch.ones(w.shape[0], n_groups)
+    best = torch.full((w.shape[0], n_groups), float("inf"), dtype=torch.float64)
+    for i in range(int(params.max_shrink * params.n_grid) + 1):
+        r = 1 - i / params.n_grid
+        d = (fake_quant(w, spec, clip=torch.full_like(best_r, r)) - w).double()
+        for j in range(n_groups):
+            cols = slice(j * g, (j + 1) * g)
+            err = ((d[:, cols] @ x[:, cols].double().T) ** 2).sum(dim=1)
+            better = err < best[:, j]
+            best[:, j] = torch.where(better, err, best[:, j])
+            best_r[:, j] = torch.where(better, torch.tensor(r), best_r[:, j])
+    return best_r
+
+
+def test_clip_search_finds_the_exact_optimum_and_clips_an_outlier_weight():
     torch.manual_seed(0)
     w = torch.randn(16, 64)
-    w[0, 3] = 12.0  # an outlier weight makes clipping pay
-    x = torch.randn(256, 64)
+    w[0, 3] = 12.0  # an outlier weight makes clipping its group pay
+    x = torch.randn(4096, 64)
     spec = QuantSpec(wbits=3, group=32)
     r = search_clip(w, input_gram(x), spec, AWQParams())
-    assert r.shape == (16, 2) and torch.all(r <= 1) and torch.all(r >= 0.5)
-    err = lambda q: ((q - w) @ x.T).pow(2).sum()
-    assert err(fake_quant(w, spec, clip=r)) <= err(fake_quant(w, spec))
-    assert r[0, 0] < 1
+    assert r.shape == (16, 2)
+    assert torch.equal(r, exact_clip(w, x, spec))
+    assert r[0, 0] < 1  # the outlier's group is clipped
 
 
 def test_clip_search_counts_a_rare_token_with_a_huge_activation():
-    """One token in thousands whose channel 3 is huge (an attention sink): clipping the outlier
-    weight on that channel would wreck that token's output, so the group keeps its full range."""
+    """One token in 4096 has a huge channel 3 (an attention sink). The search must match the exact
+    objective over every token, which keeps the outlier weight on that channel unclipped, while the
+    other groups are still clipped (the whole-linear fallback did not reset everything to 1). A
+    search on a 512-token sample (every 8th token, as AutoAWQ samples) misses the sink and
+    chooses differently: the construction check at the end."""
     torch.manual_seed(0)
     w = torch.randn(16, 64)
     w[0, 3] = 12.0
@@ -108,9 +147,10 @@ def test_clip_search_counts_a_rare_token_with_a_huge_activation():
     x[1234, 3] = 2000.0
     spec = QuantSpec(wbits=3, group=32)
     r = search_clip(w, input_gram(x), spec, AWQParams())
-    assert r[0, 0] == 1
-    err = lambda q: ((q - w) @ x.T).pow(2).sum()
-    assert err(fake_quant(w, spec, clip=r)) <= err(fake_quant(w, spec))
+    assert torch.equal(r, exact_clip(w, x, spec))
+    assert r[0, 0] == 1 and (r[:, 1] < 1).sum() >= 8
+    sampled = search_clip(w, input_gram(x[::8]), spec, AWQParams())
+    assert sampled[0, 0] < 1 and (sampled != r).sum() >= 8
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen2MoeForCausalLM"])

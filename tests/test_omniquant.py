@@ -178,6 +178,7 @@ def test_let_training_lowers_the_layer_loss_weight_activation(abits):
     m = result.metrics
     assert m["loss_end"] < m["loss_start"] and not m["reverted"]
     assert not result.overrides  # the saved scales are the fp transform; the replay folds them
+    assert not any("qk" in k for k in result.saved)  # no q·kᵀ scale: it cancels without Q/K quantization
     assert {k for k in result.saved if k.endswith("let_scale")} == {f"{g}.let_scale" for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
     # the layer is left folded exactly as the replay folds the saved scales into the untouched layer
     fresh = _tiny_llama(3).model.layers[0]
@@ -377,3 +378,16 @@ def test_cli_gptq_after_omniquant_starts_from_the_base_function(tiny_dir):
         on_base = materialize(open_artifact(direct))[0](ids).logits
     assert _rel(start, base) < 1e-4
     assert _rel(after_omni, base) < 1.5 * _rel(on_base, base) + 1e-3, (_rel(after_omni, base), _rel(on_base, base))
+
+
+@pytest.mark.parametrize("command", ["gptq", "omniquant"])
+def test_cli_awq_input_of_another_spec_is_refused_by_every_stage(tiny_dir, command):
+    """One parent-AWQ rule for GPTQ and OmniQuant: clip ratios searched for another grid are refused
+    with one line (OmniQuant used to drop them silently, GPTQ checked only the group)."""
+    awq = _fake_awq(tiny_dir, f"parent-awq-w4-{command}", spec=QuantSpec(wbits=4, group=16))
+    out = tiny_dir / f"parent-never-{command}"
+    extra = ("--epochs", 0) if command == "omniquant" else ()
+    res = _quant(command, awq, "--w3", "--group", 16, *extra, "--dataset", tiny_dir / "text.txt", *CALIB, "-o", out, "-q", "--device", "cpu")
+    lines = [line for line in res.output.splitlines() if line.startswith("quant:")]
+    assert res.exit_code != 0 and len(lines) == 1 and "another quantization spec (wbits 4 vs 3)" in lines[0], res.output
+    assert "use w4g16" in lines[0] and not out.exists()
