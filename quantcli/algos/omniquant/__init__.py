@@ -15,8 +15,6 @@ from __future__ import annotations
 from quantcli.algos.omniquant.let import fold_let
 from quantcli.algos.omniquant.train import OmniQuant, OmniQuantParams
 
-OMNIQUANT_FILE = "omniquant.safetensors"
-
 
 def init_record(awq: dict | None) -> dict:
     """What LWC and LET started from, for the manifest (``awq``: the parent-AWQ provenance, or None)."""
@@ -29,4 +27,4 @@ def init_record(awq: dict | None) -> dict:
     }
 
 
-__all__ = ["OMNIQUANT_FILE", "OmniQuant", "OmniQuantParams", "fold_let", "init_record"]
+__all__ = ["OmniQuant", "OmniQuantParams", "fold_let", "init_record"]
