@@ -1,12 +1,15 @@
 """Run one quantization stage end to end: calibration, the block-wise driver, the artifact.
 
-This is the single core function behind ``rtn``, ``awq``, ``gptq`` and ``omniquant``; the CLI
-commands only parse flags into params and call it.
+:func:`run_stage` is the single core function behind ``rtn``, ``awq``, ``gptq`` and ``omniquant``;
+the CLI commands only parse flags into params objects (:class:`StageParams`, :class:`RunParams`,
+:class:`CalibParams`) and call it. :func:`choose_calibration` decides which tokens a stage
+calibrates on, including a parent artifact's own calibration.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,33 +24,92 @@ from quantcli.models.weights import OVERRIDES_FILE, QUANTIZED_FILE, quantized_pa
 from quantcli.quant import QuantSpec
 
 CALIB_FILE = "calib.safetensors"
+DEFAULT_SEQLEN = 2048  # GPTQ and OmniQuant calibrate on 128 × 2048 tokens; eval-ppl scores 2048-token windows
+
+
+def context_window(model) -> int | None:
+    """The model's context length (``max_position_embeddings``), or None when it declares none."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def default_seqlen(model) -> int:
+    """:data:`DEFAULT_SEQLEN`, capped at the model's context window.
+
+    2048 is the GPTQ and OmniQuant papers' calibration block (128 × 2048 tokens) and the window
+    ``eval-ppl`` scores, so calibration sees the positions evaluation does. (AWQ's paper used
+    128 × 512; its search is cheaper with ``--seqlen 512`` and loses little.) A block longer than
+    the model's context would put tokens at positions it never saw (or past its position table).
+    """
+    context = context_window(model)
+    return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
 
 
 @dataclass(frozen=True)
 class CalibParams:
-    """Where calibration tokens come from when no ``--calib`` artifact is given."""
+    """Where calibration tokens come from when no ``--calib`` artifact is given.
+
+    ``seqlen=None``: :func:`default_seqlen` of the model being calibrated.
+    """
 
     dataset: str = BUILTIN
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int | None = None
     seed: int = 0
 
+    def for_model(self, model) -> "CalibParams":
+        return self if self.seqlen is not None else replace(self, seqlen=default_seqlen(model))
 
-def make_calibration(tokenizer, params: CalibParams) -> tuple[torch.Tensor, dict]:
-    """Seeded calibration blocks ``[N, L]`` and a record of where they came from."""
+
+@dataclass(frozen=True)
+class Calibration:
+    """Token blocks ``ids: [N, L]`` and the record of where they came from (``info``, in the manifest)."""
+
+    ids: torch.Tensor
+    info: dict
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """How a stage runs: the device, calibration samples per forward pass, and whether to replace the output."""
+
+    device: str = "auto"
+    batch: int = 8
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """One stage: the artifact kind, the per-layer algorithm, the spec, the algorithm's parameters as
+    recorded in the manifest, and the parent's per-layer tensors (``upstream(i)``, names relative to layer i)."""
+
+    kind: str
+    algo: LayerAlgo
+    spec: QuantSpec
+    recorded: dict = field(default_factory=dict)
+    upstream: Callable[[int], dict[str, torch.Tensor]] = lambda _i: {}
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    """sha256 of token blocks ``[N, L]`` (int64, row-major): the identity of a calibration set."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def make_calibration(loaded: Loaded, params: CalibParams) -> Calibration:
+    """Seeded calibration blocks ``[N, L]`` for ``loaded``'s tokenizer and a record of where they came from."""
+    params = params.for_model(loaded.model)
     texts = load_texts(params.dataset, "train")
-    ids = calibration_blocks(tokenizer, texts, params.nsamples, params.seqlen, params.seed)
-    return ids, {**asdict(params), "source": texts.source}
+    ids = calibration_blocks(loaded.tokenizer, texts, params.nsamples, params.seqlen, params.seed)
+    return Calibration(ids, {**asdict(params), "source": texts.source, "ids_sha256": ids_digest(ids)})
 
 
 def write_calibration(loaded: Loaded, params: CalibParams, out: Path, force: bool) -> Artifact:
     check_output_free(out, force)
-    ids, provenance = make_calibration(loaded.tokenizer, params)
-    manifest = Manifest(kind="calib", base_model=loaded.base, params=provenance)
-    return write_artifact(out, manifest, {CALIB_FILE: {"input_ids": ids}}, force=force)
+    calibration = make_calibration(loaded, params)
+    manifest = Manifest(kind="calib", base_model=loaded.base, params=calibration.info)
+    return write_artifact(out, manifest, {CALIB_FILE: {"input_ids": calibration.ids}}, force=force)
 
 
-def read_calibration(path: str | Path, loaded: Loaded) -> tuple[torch.Tensor, dict]:
+def read_calibration(path: str | Path, loaded: Loaded) -> Calibration:
     """Token blocks of a calib artifact, refused when it was made for another base model."""
     if not is_artifact(path):
         raise InputError(f"--calib {path}: not a calibration artifact (make one with quant calibrate)")
@@ -59,41 +121,72 @@ def read_calibration(path: str | Path, loaded: Loaded) -> tuple[torch.Tensor, di
             f"--calib {path}: was made for model {artifact.manifest.base_model.ref}, not {loaded.base.ref}; calibrate this model"
         )
     ids = artifact.tensors(CALIB_FILE)["input_ids"]
-    return ids, {**artifact.manifest.params, "artifact": str(Path(path).resolve())}
+    return Calibration(ids, {**artifact.manifest.params, "artifact": str(Path(path).resolve()), "ids_sha256": ids_digest(ids)})
 
 
-def calibration_for(loaded: Loaded, calib: str | None, params: CalibParams) -> tuple[torch.Tensor, dict]:
-    return read_calibration(calib, loaded) if calib else make_calibration(loaded.tokenizer, params)
+def inherited_calibration(loaded: Loaded, parent: Artifact) -> Calibration | None:
+    """The calibration tokens ``parent`` was made with, or None when it used none (data-free RTN).
+
+    From its calib artifact when it used one, else regenerated from its recorded dataset,
+    nsamples, seqlen and seed and checked against its recorded digest of the tokens.
+    """
+    info = (parent.manifest.params or {}).get("calibration")
+    if not info:
+        return None
+    if info.get("artifact"):
+        if not is_artifact(info["artifact"]):
+            raise ArtifactError(
+                f"{parent.path}: its calibration artifact {info['artifact']} is gone; pass --calib or calibration flags"
+            )
+        calibration = read_calibration(info["artifact"], loaded)
+    else:
+        calibration = make_calibration(loaded, CalibParams(**{f.name: info[f.name] for f in fields(CalibParams) if f.name in info}))
+    recorded = info.get("ids_sha256")
+    if recorded is not None and calibration.info["ids_sha256"] != recorded:
+        raise ArtifactError(
+            f"{parent.path}: its calibration tokens no longer come out the same (dataset {info.get('dataset')!r} changed?); "
+            "pass --calib or calibration flags"
+        )
+    return Calibration(calibration.ids, {**calibration.info, "inherited_from": str(parent.path.resolve())})
+
+
+def choose_calibration(
+    loaded: Loaded, calib: str | Path | None, params: CalibParams | None, parent: Artifact | None, required: bool
+) -> Calibration | None:
+    """The calibration a stage runs on, first that applies: the ``--calib`` artifact, the calibration
+    flags (``params``), the parent artifact's calibration, :class:`CalibParams`' defaults when the
+    algorithm ``required`` data, else None (data-free)."""
+    if calib is not None:
+        return read_calibration(calib, loaded)
+    if params is not None:
+        return make_calibration(loaded, params)
+    if parent is not None and (inherited := inherited_calibration(loaded, parent)) is not None:
+        return inherited
+    return make_calibration(loaded, CalibParams()) if required else None
 
 
 def run_stage(
-    kind: str,
-    algo: LayerAlgo,
-    params: dict,
+    stage: StageParams,
     loaded: Loaded,
-    spec: QuantSpec,
     out: Path,
-    calib_ids: torch.Tensor | None,
-    calib_info: dict | None,
-    device: str = "auto",
-    batch: int = 8,
-    force: bool = False,
-    upstream: Callable[[int], dict[str, torch.Tensor]] = lambda _i: {},
+    calibration: Calibration | None,
+    run: RunParams = RunParams(),
     on_layer: Callable[[LayerEvent], None] = lambda _e: None,
     on_update: Callable[..., None] = lambda **_: None,
 ) -> Artifact:
-    """Quantize ``loaded.model`` with ``algo`` layer by layer and write artifact ``out``."""
-    check_output_free(out, force)
+    """Quantize ``loaded.model`` with ``stage.algo`` layer by layer and write artifact ``out``."""
+    check_output_free(out, run.force)
     result = run_blockwise(
-        loaded.model, calib_ids, algo, spec, resolve_device(device), batch, upstream, on_layer, on_update
+        loaded.model, calibration.ids if calibration is not None else None, stage.algo, stage.spec,
+        resolve_device(run.device), run.batch, stage.upstream, on_layer, on_update,
     )
     losses = [m["loss"] for m in result.layers if m.get("loss") is not None]
     manifest = Manifest(
-        kind=kind,
+        kind=stage.kind,
         base_model=loaded.base,
         parent=str(loaded.artifact.path) if loaded.artifact is not None else None,
-        spec=spec.to_dict(),
-        params={**params, "calibration": calib_info},
+        spec=stage.spec.to_dict(),
+        params={**stage.recorded, "calibration": calibration.info if calibration is not None else None},
         metrics={
             "seconds": round(result.seconds, 2),
             "mean_layer_loss": sum(losses) / len(losses) if losses else None,
@@ -102,8 +195,8 @@ def run_stage(
     )
     payloads = {QUANTIZED_FILE: quantized_payload(result.quantized)}
     if result.saved:
-        payloads[f"{kind}.safetensors"] = result.saved
+        payloads[f"{stage.kind}.safetensors"] = result.saved
     if result.overrides:
         payloads[OVERRIDES_FILE] = result.overrides
-    return write_artifact(out, manifest, payloads, force=force)
+    return write_artifact(out, manifest, payloads, force=run.force)
 

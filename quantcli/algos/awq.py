@@ -276,7 +276,7 @@ class AWQ:
             "rtn_loss": sum(v[1] for v in group_losses.values()),
         }
         if skipped:
-            metrics["skipped"] = skipped
+            metrics["fallbacks"] = [f"no scale search for {note}" for note in skipped]
         return LayerResult(quantized=quantized, saved=saved, metrics=metrics)
 
 

@@ -20,7 +20,8 @@ once per block, which changes the arithmetic order only.
 * AWQ clip ratios ``clip: [out, in // group]`` shrink each group's range before its scale is set.
 
 The functions here are pure tensor math; :class:`GPTQ` is the thin per-layer wrapper the
-block-wise driver runs (true-sequential capture of each linear's inputs, RTN fallback records).
+block-wise driver runs (true-sequential capture of each linear's inputs; every RTN fallback and
+raised damping listed under the layer's ``fallbacks`` metric).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor
 from quantcli.algos.driver import LayerContext, LayerResult
 from quantcli.algos.replay import register_no_replay
 from quantcli.errors import SpecError
+from quantcli.models.arch import expand
 from quantcli.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize_affine, quantize_affine, quantize_weight
 
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
@@ -46,7 +48,8 @@ class GPTQParams:
     act_order:            visit columns by decreasing diag(H).
     static_groups:        fit group scales/zeros on the original weight's contiguous groups first.
     true_sequential:      capture each stage's inputs after the earlier stages of the layer are quantized.
-    min_expert_tokens:    a linear that saw fewer calibration tokens (a rarely routed expert) is rounded to nearest.
+    min_expert_tokens:    a MoE expert that saw fewer calibration tokens (rarely routed) is rounded to nearest;
+                          dense linears always get GPTQ, however few tokens calibrate them.
     """
 
     damp: float = 0.01
@@ -253,6 +256,11 @@ def capture_hessians(ctx: LayerContext, names: list[str]) -> dict[str, tuple[Ten
     return {name: (H, count) for name, (H, count) in state.items()}
 
 
+def expert_linears(layer, arch) -> list[str]:
+    """The layer's MoE expert linears: those its architecture entry names with an expert wildcard ``*``."""
+    return [name for stage in arch.sequential for pattern in stage if "*" in pattern for name in expand(layer, pattern)]
+
+
 @dataclass(frozen=True)
 class GPTQ:
     params: GPTQParams = GPTQParams()
@@ -267,8 +275,8 @@ class GPTQ:
             stages = [[name for stage in stages for name in stage]]
         quantized: dict[str, QuantizedWeight] = {}
         gptq_err = rtn_err = 0.0
-        fallbacks: dict[str, str] = {}
-        damped: dict[str, float] = {}
+        fallbacks: list[str] = []  # one note per linear not quantized as configured
+        experts = set(expert_linears(ctx.module, ctx.arch))
         for stage in stages:
             hessians = capture_hessians(ctx, stage)  # earlier stages are already quantized in place
             for name in stage:
@@ -276,25 +284,23 @@ class GPTQ:
                 W, (H, count) = linear.weight.data, hessians.pop(name)
                 clip = ctx.upstream.get(f"{name}.clip")
                 clip = None if clip is None else clip.to(W.device)
-                if count < p.min_expert_tokens:
-                    res = rtn_fallback(W, H, ctx.spec, clip, f"saw {count} calibration tokens (< {p.min_expert_tokens})")
+                if name in experts and count < p.min_expert_tokens:
+                    res = rtn_fallback(W, H, ctx.spec, clip, f"expert saw {count} calibration tokens (< --min-expert-tokens {p.min_expert_tokens})")
                 else:
                     res = gptq_quantize(W, H, ctx.spec, p, clip)
                 gptq_err += res.err
                 rtn_err += res.err if res.fallback else hessian_error(W, quantize_weight(W, ctx.spec, clip).dequantize(), H)
                 if res.fallback is not None:
-                    fallbacks[name] = res.fallback
+                    fallbacks.append(f"{name}: rounded to nearest ({res.fallback})")
                 elif res.damp != p.damp:
-                    damped[name] = res.damp
+                    fallbacks.append(f"{name}: damping raised to {res.damp:g} (Cholesky failed at {p.damp:g})")
                 linear.weight.data.copy_(res.weight.dequantize().to(W.dtype))
                 quantized[name] = _to_cpu(res.weight)
                 del H
             ctx.report(gptq_err=gptq_err, rtn_err=rtn_err)
         metrics: dict = {"gptq_err": gptq_err, "rtn_err": rtn_err}
         if fallbacks:
-            metrics["rtn_fallback"] = fallbacks
-        if damped:
-            metrics["damp_raised"] = damped
+            metrics["fallbacks"] = fallbacks
         return LayerResult(quantized=quantized, metrics=metrics)
 
 

@@ -9,10 +9,12 @@ import gc
 import platform
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from quantcli.artifact import sha256_file
 from quantcli.bench.kernels import swap_in_kernels
 from quantcli.bench.latency import (
     Progress,
@@ -25,6 +27,7 @@ from quantcli.bench.latency import (
     weight_bytes,
 )
 from quantcli.errors import InputError
+from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -81,6 +84,38 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"--dtype {name}: use auto, fp32, bf16 or fp16")
     return DTYPES[name]
+
+
+def describe_input(loaded) -> dict:
+    """What a loaded model is, for results files: ``kind`` (an artifact's kind, ``"packed"`` for a
+    packed checkpoint, else ``"fp"``), its ``spec``, and for a packed checkpoint its ``format``."""
+    spec = loaded.spec.to_dict() if loaded.spec is not None else None
+    if loaded.artifact is not None:
+        return {"kind": loaded.artifact.kind, "spec": spec}
+    packed = packed_info(loaded.base_dir) if loaded.quantized else None
+    if packed is not None:
+        return {"kind": "packed", "spec": spec, "format": packed["format"]}
+    return {"kind": "fp", "spec": spec}
+
+
+def baseline_dir(loaded) -> Path:
+    """The unquantized model directory behind ``loaded``: an artifact's base model, the base model a
+    packed checkpoint records, or the model itself. One-line InputError when it is gone or changed."""
+    packed = packed_info(loaded.base_dir) if loaded.artifact is None and loaded.quantized else None
+    if packed is None:
+        return loaded.base_dir
+    ref, digest = packed[BASE_MODEL], packed[BASE_CONFIG_SHA256]
+    if ref is None:
+        raise InputError(
+            f"{loaded.base_dir}: this packed checkpoint records no base model (packed by another tool?); "
+            "bench the unquantized model on its own instead of --baseline"
+        )
+    base = Path(ref)
+    if not (base / "config.json").is_file():
+        raise InputError(f"{loaded.base_dir}: its base model {base} is gone; restore it or bench without --baseline")
+    if digest and sha256_file(base / "config.json") != digest:
+        raise InputError(f"{loaded.base_dir}: its base model {base} has changed since packing (config hash differs); bench without --baseline")
+    return base
 
 
 def check_context(model: nn.Module, params: BenchParams) -> None:
@@ -153,6 +188,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
     """
     device = torch.device(params.device)
     dtype = resolve_dtype(params.dtype, device)
+    base_dir = baseline_dir(loaded) if params.baseline else None  # refused before any timing
     if params.threads is not None:
         torch.set_num_threads(params.threads)
     model = loaded.model
@@ -178,8 +214,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         budget, budget_source = free_memory_bytes(device) + weight_bytes(model), f"free {device.type} memory + weights"
     result = {
         "input": loaded.artifact.path.as_posix() if loaded.artifact is not None else str(loaded.base_dir),
-        "kind": loaded.artifact.kind if loaded.artifact is not None else "fp",
-        "spec": loaded.spec.to_dict() if loaded.spec is not None else None,
+        **describe_input(loaded),
         "device": str(device),
         "params": asdict(params),
         "kernels": report.to_dict() if report is not None else None,
@@ -200,7 +235,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
 
         if progress:
             progress(f"loading the unquantized base model ({params.baseline})")
-        base, _ = load_base(loaded.base_dir)
+        base, _ = load_base(base_dir)
         base.to(device=device, dtype=base_dtype)
         baseline = bench_model(base, params, base_dtype, budget, progress, f"baseline {params.baseline}")
         del base

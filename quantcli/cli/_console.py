@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 err = Console(stderr=True, highlight=False)
+FALLBACKS = "fallbacks"  # per-layer metrics key: list[str], one note per linear/group the algorithm fell back on
 
 
 def emit(text: str) -> None:
@@ -25,7 +26,8 @@ def _fmt(value) -> str:
 
 
 def _metrics_text(metrics: dict) -> str:
-    return "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
+    text = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (list, dict)))
+    return text + (f"  [yellow]fallbacks {len(metrics[FALLBACKS])}[/]" if metrics.get(FALLBACKS) else "")
 
 
 class LayerProgress:
@@ -71,16 +73,48 @@ class LayerProgress:
 
 
 def layer_table(title: str, layers: list[dict]) -> None:
-    """Summary table of per-layer metrics."""
+    """Summary table of per-layer metrics (a ``fallbacks`` column counts each layer's fallbacks)."""
     if not layers:
         return
     keys = [k for k in layers[0] if not isinstance(layers[0][k], (list, dict))]
+    with_fallbacks = any(row.get(FALLBACKS) for row in layers)
     table = Table(title=title)
-    for key in keys:
+    for key in keys + ([FALLBACKS] if with_fallbacks else []):
         table.add_column(key, justify="right")
     for row in layers:
-        table.add_row(*(_fmt(row.get(k, "")) for k in keys))
+        cells = [_fmt(row.get(k, "")) for k in keys]
+        table.add_row(*cells, *([str(len(row.get(FALLBACKS, [])))] if with_fallbacks else []))
     err.print(table)
+
+
+def show_fallbacks(title: str, layers: list[dict], quiet: bool) -> None:
+    """Every fallback the algorithm recorded (metrics key ``fallbacks``: one note per linear or group
+    that did not get the algorithm's treatment), one line per distinct note with the layers it hit;
+    ``quiet`` prints only their count."""
+    by_note: dict[str, list] = {}
+    for i, row in enumerate(layers):
+        for note in row.get(FALLBACKS, []):
+            by_note.setdefault(note, []).append(row.get("layer", i))
+    if not by_note:
+        return
+    total = sum(len(where) for where in by_note.values())
+    if quiet:
+        err.print(f"{title}: {total} fallbacks (listed under metrics.layers[].fallbacks in manifest.json)")
+        return
+    err.print(f"[yellow]{title}: {total} fallbacks[/]")
+    for note, where in by_note.items():
+        err.print(f"  [yellow]fallback[/] layer{'s' if len(where) > 1 else ''} {_ranges(where)}: {note}")
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 @contextmanager

@@ -11,9 +11,11 @@ import typer
 from quantcli.algos.awq import AWQ, SEARCH_DTYPES, AWQParams, clip_weights
 from quantcli.cli import _options as opt
 from quantcli.cli._console import err
-from quantcli.cli._stage import load_for_stage, run_algorithm
+from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
+from quantcli.cli._stage import plan_stage, run_algorithm
+from quantcli.artifact import check_output_free
 from quantcli.errors import InputError
-from quantcli.stage import CalibParams
+from quantcli.stage import StageParams
 
 EPILOG = """Examples:
 
@@ -24,55 +26,52 @@ EPILOG = """Examples:
   quant awq model/ --w4 --group 128 --calib calib/ -o out/ | quant eval-ppl --dataset wikitext2
 """
 
+NGrid = Annotated[int, typer.Option("--n-grid", help="Grid points for the scale exponent α in [0, 1).", min=1)]
+DuoScaling = Annotated[
+    bool, typer.Option("--duo-scaling/--x-only", help="s = mean|x|^α / mean|w|^(1-α) (duo scaling), or s = mean|x|^α (--x-only).")
+]
+MaxShrink = Annotated[float, typer.Option("--max-shrink", help="Largest fraction of a group's range the clip search may cut.", min=0.0, max=0.99)]
+Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="Search per-group clip ratios after the scales.")]
+SearchDtype = Annotated[
+    str, typer.Option("--search-dtype", help="float32, auto, bfloat16 or float16: the scale search's forward passes (auto: bfloat16 where fast, which cost perplexity on text it was not tuned on).")
+]
+SaveTransformed = Annotated[
+    Optional[Path], typer.Option("--save-transformed", help="Also write the scaled, clipped fp model as an HF directory.", show_default=False)
+]
 
+
+@option_groups
 def awq_command(
     input: opt.InputArg = None,
-    output: opt.Output = ...,
-    w2: opt.W2 = False,
-    w3: opt.W3 = False,
-    w4: opt.W4 = False,
-    w8: opt.W8 = False,
-    wbits: opt.WBits = None,
-    group: opt.Group = 128,
-    sym: opt.Sym = False,
-    abits: opt.ABits = 16,
-    calib: opt.Calib = None,
-    dataset: opt.Dataset = "builtin",
-    nsamples: opt.NSamples = 128,
-    seqlen: opt.SeqLen = 512,
-    seed: opt.Seed = 0,
-    n_grid: Annotated[int, typer.Option("--n-grid", help="Grid points for the scale exponent α in [0, 1).", min=1)] = 20,
-    x_only: Annotated[bool, typer.Option("--x-only", help="s = mean|x|^α instead of duo scaling mean|x|^α / mean|w|^(1-α).")] = False,
-    max_shrink: Annotated[float, typer.Option("--max-shrink", help="Largest fraction of a group's range the clip search may cut.", min=0.0, max=0.99)] = 0.5,
-    no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip the clip search.")] = False,
-    search_dtype: Annotated[
-        str, typer.Option("--search-dtype", help="float32, auto, bfloat16 or float16: the scale search's forward passes (auto: bfloat16 where fast, which cost perplexity on text it was not tuned on).")
-    ] = "float32",
-    save_transformed: Annotated[Optional[Path], typer.Option("--save-transformed", help="Also write the scaled, clipped fp model as an HF directory.", show_default=False)] = None,
-    device: opt.Device = "auto",
-    batch_size: opt.Batch = 8,
-    force: opt.Force = False,
-    quiet: opt.Quiet = False,
+    weights: WeightArgs = WeightArgs(),
+    calibration: CalibArgs = CalibArgs(),
+    n_grid: NGrid = AWQParams.n_grid,
+    duo_scaling: DuoScaling = AWQParams.duo_scaling,
+    max_shrink: MaxShrink = AWQParams.max_shrink,
+    clip: Clip = AWQParams.clip,
+    search_dtype: SearchDtype = AWQParams.search_dtype,
+    save_transformed: SaveTransformed = None,
+    run: RunArgs = RunArgs(),
 ) -> None:
     """Search per-channel scales and clip ratios that protect salient weights, then quantize."""
     if search_dtype != "auto" and search_dtype not in SEARCH_DTYPES:
         raise InputError(f"--search-dtype {search_dtype}: use auto, {', '.join(SEARCH_DTYPES)}")
-    spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym, abits)
-    params = AWQParams(n_grid=n_grid, duo_scaling=not x_only, clip=not no_clip, max_shrink=max_shrink, search_dtype=search_dtype)
-    loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
-    run_algorithm(
-        "AWQ", "awq", AWQ(params), asdict(params), loaded, spec, output, calib,
-        CalibParams(dataset, nsamples, seqlen, seed), device, batch_size, force, quiet,
+    params = AWQParams(n_grid=n_grid, duo_scaling=duo_scaling, clip=clip, max_shrink=max_shrink, search_dtype=search_dtype)
+    plan = plan_stage("awq", input, weights, run)
+    if save_transformed is not None:
+        check_output_free(save_transformed, run.force)
+    artifact = run_algorithm(
+        "AWQ", plan, lambda _loaded: StageParams("awq", AWQ(params), plan.spec, asdict(params)), calibration, run
     )
     if save_transformed is not None:
-        write_transformed(output, save_transformed, spec, force)
-        if not quiet:
+        write_transformed(artifact.path, save_transformed, plan.spec, run.force)
+        if not run.quiet:
             err.print(f"transformed fp model → {save_transformed}")
 
 
 def write_transformed(artifact_dir: Path, out: Path, spec, force: bool) -> None:
     """The scaled and clipped full-precision model of an AWQ artifact, as a Hugging Face directory."""
-    from quantcli.artifact import atomic_directory, check_output_free, open_artifact
+    from quantcli.artifact import atomic_directory, open_artifact
     from quantcli.models.canonical import hf_state_dict
     from quantcli.loading import materialize
 

@@ -20,10 +20,10 @@ EPILOG = """Examples:
 def calibrate_command(
     input: opt.InputArg = None,
     output: opt.Output = ...,
-    dataset: opt.Dataset = "builtin",
-    nsamples: opt.NSamples = 128,
-    seqlen: opt.SeqLen = 2048,
-    seed: opt.Seed = 0,
+    dataset: opt.Dataset = CalibParams.dataset,
+    nsamples: opt.NSamples = CalibParams.nsamples,
+    seqlen: opt.SeqLen = None,
+    seed: opt.Seed = CalibParams.seed,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -31,8 +31,8 @@ def calibrate_command(
     source = opt.input_or_stdin(input)
     with status("loading tokenizer", quiet):
         loaded = load_input(source, quantized=False)
-    params = CalibParams(dataset, nsamples, seqlen, seed)
-    artifact = write_calibration(loaded, params, output, force)
+    artifact = write_calibration(loaded, CalibParams(dataset, nsamples, seqlen, seed), output, force)
     if not quiet:
-        err.print(f"calibration: {nsamples} × {seqlen} tokens from {dataset} (seed {seed})")
+        recorded = artifact.manifest.params
+        err.print(f"calibration: {recorded['nsamples']} × {recorded['seqlen']} tokens from {dataset} (seed {seed})")
     emit(str(artifact.path))

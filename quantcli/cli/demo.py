@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -18,7 +18,7 @@ from quantcli.cli._console import LayerProgress, emit, err, status
 from quantcli.eval.ppl import perplexity
 from quantcli.loading import load_input
 from quantcli.quant import QuantSpec
-from quantcli.stage import CalibParams, make_calibration, run_stage
+from quantcli.stage import CalibParams, RunParams, StageParams, make_calibration, run_stage
 
 EPILOG = """Examples:
 
@@ -35,24 +35,25 @@ def demo_command(
     windows: Annotated[int, typer.Option("--windows", help="Evaluation windows of 512 tokens.", min=1)] = 8,
     device: opt.Device = "auto",
     quiet: opt.Quiet = False,
+    model: Annotated[Optional[str], typer.Option("--model", hidden=True, help="Another model instead of the embedded one (for tests).")] = None,
 ) -> None:
     """Quantize the embedded SmolLM2-135M with RTN and AWQ on the embedded text, and compare perplexities."""
     spec = QuantSpec(wbits=wbits, group=group)
     test = load_texts(BUILTIN, "test")
     rows = []
     with status("loading the embedded model", quiet):
-        fp = load_input(None)
+        fp = load_input(model)
     tokens = tokenize(fp.tokenizer, test.joined())
     started = time.time()
     rows.append(("fp32", perplexity(fp.model, tokens, 512, windows)["ppl"], 0.0))
-    calib_ids, calib_info = make_calibration(fp.tokenizer, CalibParams(BUILTIN, nsamples=8, seqlen=256))
-    for name, algo, ids in (("rtn", RTN(), None), ("awq", AWQ(), calib_ids)):
-        loaded = load_input(None)
+    calibration = make_calibration(fp, CalibParams(BUILTIN, nsamples=8, seqlen=256))
+    for name, algo, calib in (("rtn", RTN(), None), ("awq", AWQ(), calibration)):
+        loaded = load_input(model)
         t0 = time.time()
         with LayerProgress(f"{name.upper()} {spec.label()}", quiet) as bar:
             artifact = run_stage(
-                name, algo, {}, loaded, spec, workdir / f"{name}-{spec.label()}", ids, calib_info if ids is not None else None,
-                device, force=True, on_layer=bar.on_layer, on_update=bar.on_update,
+                StageParams(name, algo, spec), loaded, workdir / f"{name}-{spec.label()}", calib,
+                RunParams(device, force=True), on_layer=bar.on_layer, on_update=bar.on_update,
             )
         seconds = time.time() - t0
         quantized = load_input(str(artifact.path))

@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from quantcli.algos.driver import resolve_device
+from quantcli.bench.run import describe_input
 from quantcli.calib.data import load_texts, tokenize
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
 from quantcli.eval.ppl import perplexity
 from quantcli.loading import load_input
+from quantcli.stage import default_seqlen
 
 EPILOG = """Examples:
 
@@ -27,7 +29,7 @@ EPILOG = """Examples:
 def eval_ppl_command(
     input: opt.InputArg = None,
     dataset: opt.Dataset = "builtin",
-    seqlen: opt.SeqLen = 2048,
+    seqlen: opt.SeqLen = None,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows.", min=1)] = None,
     device: opt.Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
@@ -39,13 +41,13 @@ def eval_ppl_command(
     with status("loading model", quiet):
         loaded = load_input(source, device=str(resolve_device(device)))
     tokens = tokenize(loaded.tokenizer, texts.joined())
+    seqlen = seqlen or default_seqlen(loaded.model)
     with status("evaluating", quiet):
         result = perplexity(loaded.model, tokens, seqlen, max_windows)
     record = {
         **result,
         "model": source or "default",
-        "kind": loaded.artifact.kind if loaded.artifact else "fp",
-        "spec": loaded.spec.to_dict() if loaded.spec else None,
+        **describe_input(loaded),
         "dataset": texts.source["dataset"],
         "split": texts.source["split"],
         "text_sha256": texts.source["sha256"],

@@ -10,9 +10,10 @@ import typer
 from quantcli.algos.gptq import GPTQ, GPTQParams
 from quantcli.algos.parent import reuse_awq
 from quantcli.cli import _options as opt
-from quantcli.cli._stage import load_for_stage, run_algorithm
+from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
+from quantcli.cli._stage import plan_stage, run_algorithm
 from quantcli.errors import SpecError
-from quantcli.stage import CalibParams
+from quantcli.stage import StageParams
 
 EPILOG = """Examples:
 
@@ -33,45 +34,30 @@ TrueSequential = Annotated[
     bool,
     typer.Option("--true-sequential/--no-true-sequential", help="Capture each stage's inputs after the earlier stages of the layer are quantized."),
 ]
-MinExpertTokens = Annotated[int, typer.Option("--min-expert-tokens", help="A linear (MoE expert) that saw fewer calibration tokens is rounded to nearest.", min=0)]
+MinExpertTokens = Annotated[int, typer.Option("--min-expert-tokens", help="A MoE expert that saw fewer calibration tokens is rounded to nearest (dense linears never are).", min=0)]
 
 
+@option_groups
 def gptq_command(
     input: opt.InputArg = None,
-    output: opt.Output = ...,
-    w2: opt.W2 = False,
-    w3: opt.W3 = False,
-    w4: opt.W4 = False,
-    w8: opt.W8 = False,
-    wbits: opt.WBits = None,
-    group: opt.Group = 128,
-    sym: opt.Sym = False,
-    abits: opt.ABits = 16,
-    damp: Damp = 0.01,
-    block_size: BlockSize = 128,
-    act_order: ActOrder = True,
-    static_groups: StaticGroups = True,
-    true_sequential: TrueSequential = True,
-    min_expert_tokens: MinExpertTokens = 64,
-    calib: opt.Calib = None,
-    dataset: opt.Dataset = "builtin",
-    nsamples: opt.NSamples = 128,
-    seqlen: opt.SeqLen = 2048,
-    seed: opt.Seed = 0,
-    device: opt.Device = "auto",
-    batch_size: opt.Batch = 8,
-    force: opt.Force = False,
-    quiet: opt.Quiet = False,
+    weights: WeightArgs = WeightArgs(),
+    calibration: CalibArgs = CalibArgs(),
+    damp: Damp = GPTQParams.damp,
+    block_size: BlockSize = GPTQParams.block_size,
+    act_order: ActOrder = GPTQParams.act_order,
+    static_groups: StaticGroups = GPTQParams.static_groups,
+    true_sequential: TrueSequential = GPTQParams.true_sequential,
+    min_expert_tokens: MinExpertTokens = GPTQParams.min_expert_tokens,
+    run: RunArgs = RunArgs(),
 ) -> None:
     """Quantize every linear with GPTQ: round column by column, feeding the error into the columns still to come."""
-    spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym, abits)
     params = GPTQParams(damp, block_size, act_order, static_groups, true_sequential, min_expert_tokens)
-    loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
-    upstream, awq = reuse_awq(loaded, spec)  # INPUT an AWQ artifact: its clips (scales are folded in already)
-    if awq is not None and params.act_order and not params.static_groups and spec.group != -1:
-        raise SpecError(f"{awq['from']}: AWQ clip ratios belong to contiguous groups; add --static-groups to --act-order")
-    run_algorithm(
-        "GPTQ", "gptq", GPTQ(params), asdict(params), loaded, spec, output, calib,
-        CalibParams(dataset, nsamples, seqlen, seed), device, batch_size, force, quiet, upstream=upstream,
-    )
+    plan = plan_stage("gptq", input, weights, run)
 
+    def build(loaded) -> StageParams:
+        upstream, awq = reuse_awq(loaded, plan.spec)  # INPUT an AWQ artifact: its clips (scales are folded in already)
+        if awq is not None and params.act_order and not params.static_groups and plan.spec.group != -1:
+            raise SpecError(f"{awq['from']}: AWQ clip ratios belong to contiguous groups; add --static-groups to --act-order")
+        return StageParams("gptq", GPTQ(params), plan.spec, asdict(params), upstream)
+
+    run_algorithm("GPTQ", plan, build, calibration, run)

@@ -47,11 +47,10 @@ def pack_command(
         {"kind": a.kind, "path": str(a.path.resolve()), "created_at": a.manifest.created_at, "spec": a.manifest.spec}
         for a in loaded.artifact.lineage()
     ]
-    provenance = {"lineage": lineage, "base_model": loaded.base.ref, "base_config_sha256": loaded.base.config_sha256}
     strip_norm_offsets(loaded.model)  # back to the Hugging Face layout before saving
     out = write_packed(
-        output, loaded.model, loaded.tokenizer, loaded.quantized, loaded.spec, format, provenance,
-        dtype=DTYPES[dtype], force=force,
+        output, loaded.model, loaded.tokenizer, loaded.quantized, loaded.spec, format, {"lineage": lineage},
+        base=loaded.base, dtype=DTYPES[dtype], force=force,
     )
     if not quiet:
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

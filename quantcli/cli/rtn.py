@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from quantcli.algos.rtn import RTN
 from quantcli.cli import _options as opt
-from quantcli.cli._stage import load_for_stage, run_algorithm
+from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
+from quantcli.cli._stage import plan_stage, run_algorithm
+from quantcli.stage import StageParams
 
 EPILOG = """Examples:
 
@@ -14,24 +16,13 @@ EPILOG = """Examples:
 """
 
 
+@option_groups
 def rtn_command(
     input: opt.InputArg = None,
-    output: opt.Output = ...,
-    w2: opt.W2 = False,
-    w3: opt.W3 = False,
-    w4: opt.W4 = False,
-    w8: opt.W8 = False,
-    wbits: opt.WBits = None,
-    group: opt.Group = 128,
-    sym: opt.Sym = False,
-    abits: opt.ABits = 16,
-    calib: opt.Calib = None,
-    device: opt.Device = "auto",
-    batch_size: opt.Batch = 8,
-    force: opt.Force = False,
-    quiet: opt.Quiet = False,
+    weights: WeightArgs = WeightArgs(),
+    calibration: CalibArgs = CalibArgs(),
+    run: RunArgs = RunArgs(),
 ) -> None:
-    """Round every linear's weights to the nearest grid point (data-free unless --calib is given)."""
-    spec = opt.weight_spec(w2, w3, w4, w8, wbits, group, sym, abits)
-    loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
-    run_algorithm("RTN", "rtn", RTN(), {}, loaded, spec, output, calib, None, device, batch_size, force, quiet)
+    """Round every linear's weights to the nearest grid point (data-free unless a calibration flag is given)."""
+    plan = plan_stage("rtn", input, weights, run)
+    run_algorithm("RTN", plan, lambda _loaded: StageParams("rtn", RTN(), plan.spec), calibration, run, needs_data=False)

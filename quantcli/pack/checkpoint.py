@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantcli import __version__
-from quantcli.artifact import atomic_directory, check_output_free
+from quantcli.artifact import BaseModelRef, atomic_directory, check_output_free
 from quantcli.errors import InputError
 from quantcli.pack.formats import READERS, SUFFIXES, WRITERS, check_format, detect_format
 from quantcli.quant.affine import QuantizedWeight
 from quantcli.quant.spec import QuantSpec
 
 WEIGHTS_NAME = "model.safetensors"
+BASE_MODEL, BASE_CONFIG_SHA256 = "base_model", "base_config_sha256"  # keys of config.json's quantcli block
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -66,6 +67,7 @@ def write_packed(
     fmt: str,
     provenance: dict | None = None,
     *,
+    base: BaseModelRef | None = None,
     dtype: torch.dtype | None = None,
     force: bool = False,
 ) -> Path:
@@ -75,6 +77,8 @@ def write_packed(
     tokenizer:  saved beside the weights; ``None`` writes no tokenizer files.
     provenance: stored under config.json's ``quantcli`` key (e.g. ``{"lineage": [...]}``) with the
                 quantcli version, the spec and the format.
+    base:       the unquantized model the codes came from; its directory and config hash are
+                recorded there too (:func:`packed_info` reads them back, e.g. for a bench baseline).
     dtype:      dtype of the full-precision tensors (default: as they are in ``model``).
     Linears that are not quantized (``lm_head``, ...) are listed as the format's ignored modules.
     Raises SpecError when ``fmt`` cannot store ``spec`` (naming the formats that can).
@@ -91,7 +95,8 @@ def write_packed(
 
     config = copy.deepcopy(model.config)
     config.quantization_config = quantization_config
-    config.quantcli = {"version": __version__, **(provenance or {}), "spec": spec.to_dict(), "format": fmt}
+    recorded_base = {} if base is None else {BASE_MODEL: base.ref, BASE_CONFIG_SHA256: base.config_sha256}
+    config.quantcli = {"version": __version__, **(provenance or {}), **recorded_base, "spec": spec.to_dict(), "format": fmt}
     saved_dtype = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), None)
     if saved_dtype is not None:
         config.dtype = saved_dtype
@@ -104,6 +109,29 @@ def write_packed(
             tokenizer.save_pretrained(tmp)
         save_file({**state, **packed}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return out
+
+
+def packed_info(path: str | Path) -> dict | None:
+    """What a packed directory says about itself, or None when ``path`` holds no quantized config.json.
+
+    ``{"format": ..., "base_model": dir or None, "base_config_sha256": hash or None}``; the base
+    model is None for checkpoints packed by other tools (they record no provenance).
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not config.get("quantization_config"):
+        return None
+    ours = config.get("quantcli") or {}
+    return {
+        "format": ours.get("format") or detect_format(config["quantization_config"]),
+        BASE_MODEL: ours.get(BASE_MODEL),
+        BASE_CONFIG_SHA256: ours.get(BASE_CONFIG_SHA256),
+    }
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:

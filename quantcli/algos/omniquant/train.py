@@ -271,5 +271,5 @@ class OmniQuant:
 
         metrics = {"epoch": params.epochs if stats["curve"] else 0, **stats}
         if skipped:
-            metrics["let_skipped"] = skipped
+            metrics["fallbacks"] = [f"LET skipped for {note}" for note in skipped]
         return LayerResult(quantized=quantized, saved=saved, metrics=metrics)
