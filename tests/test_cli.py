@@ -166,3 +166,185 @@ def test_base_model_changed_since_the_artifact(tiny_model_dir, tmp_path):
     config["rms_norm_eps"] = 1e-3
     (model / "config.json").write_text(json.dumps(config))
     one_line_error(quant("eval-ppl", tmp_path / "rtn"), "has changed since the artifact was made")
+
+
+# ---------------------------------------------------------------- stages chain without repeating themselves
+
+
+def test_stage_without_output_inherits_spec_and_calibration(tiny_model_dir, tmp_path):
+    """The design card's shape on a small calibration: no -o, no weight flags, no calibration flags."""
+    text = tiny_model_dir.parent / "text.txt"
+    awq = quant("awq", tiny_model_dir, "--w3", "--group", 32, "--dataset", text, "--nsamples", 4, "--seqlen", 16, "-o", tmp_path / "out", "-q")
+    assert awq.exit_code == 0, awq.output
+    omni = quant("omniquant", tmp_path / "out", "--init-from", tmp_path / "out", "--epochs", 1, "-q")
+    assert omni.exit_code == 0, omni.output
+    made = tmp_path / "out-omniquant"
+    assert omni.stdout.strip() == str(made)
+    parent, child = open_artifact(tmp_path / "out").manifest, open_artifact(made).manifest
+    assert child.spec == parent.spec and child.spec["wbits"] == 3 and child.spec["group"] == 32
+    assert child.params["calibration"]["ids_sha256"] == parent.params["calibration"]["ids_sha256"]
+    assert (child.params["calibration"]["nsamples"], child.params["calibration"]["seqlen"]) == (4, 16)
+    before = (made / "manifest.json").read_text()
+    one_line_error(quant("omniquant", tmp_path / "out", "--init-from", tmp_path / "out", "--epochs", 1), "already exists")
+    assert (made / "manifest.json").read_text() == before
+
+
+def test_calibration_flags_override_the_parent(tiny_model_dir, tmp_path):
+    text = tiny_model_dir.parent / "text.txt"
+    awq = quant("awq", tiny_model_dir, "--group", 32, "--dataset", text, "--nsamples", 4, "--seqlen", 16, "-o", tmp_path / "awq", "-q")
+    assert awq.exit_code == 0, awq.output
+    gptq = quant("gptq", tmp_path / "awq", "--dataset", text, "--nsamples", 3, "--seqlen", 16, "--seed", 1, "-o", tmp_path / "g", "-q")
+    assert gptq.exit_code == 0, gptq.output
+    calibration = open_artifact(tmp_path / "g").manifest.params["calibration"]
+    assert (calibration["nsamples"], calibration["seed"]) == (3, 1) and "inherited_from" not in calibration
+    assert open_artifact(tmp_path / "g").manifest.spec["group"] == 32  # the spec still comes from the AWQ INPUT
+
+
+def test_default_seqlen_is_capped_at_the_context(tmp_path):
+    from conftest import TINY_TEXT, char_tokenizer, tiny_llama
+
+    model = tiny_llama()
+    model.config.max_position_embeddings = 24
+    model.save_pretrained(tmp_path / "m")
+    char_tokenizer(TINY_TEXT).save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(TINY_TEXT)
+    made = quant("calibrate", tmp_path / "m", "--dataset", tmp_path / "t.txt", "--nsamples", 2, "-o", tmp_path / "c", "-q")
+    assert made.exit_code == 0, made.output
+    assert open_artifact(tmp_path / "c").tensors("calib.safetensors")["input_ids"].shape == (2, 24)
+
+
+def test_refusal_names_every_group_that_divides(tiny_model_dir, tmp_path):
+    one_line_error(quant("rtn", tiny_model_dir, "--group", 128, "-o", tmp_path / "o"), "try --group 64 or 32 or 16")
+
+
+# ---------------------------------------------------------------- fallbacks are shown, dense linears get GPTQ
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    from conftest import TINY_TEXT, char_tokenizer, tiny_models
+
+    path = tmp_path_factory.mktemp("moe") / "model"
+    tiny_models()["MixtralForCausalLM"]().save_pretrained(path)
+    char_tokenizer(TINY_TEXT).save_pretrained(path)
+    return path
+
+
+def test_gptq_summary_shows_fallbacks(tiny_moe_dir, tiny_model_dir, tmp_path):
+    text = tiny_model_dir.parent / "text.txt"
+    args = ["gptq", tiny_moe_dir, "--group", 32, "--dataset", text, "--nsamples", 2, "--seqlen", 16, "--min-expert-tokens", 10**6]
+    shown = quant(*args, "-o", tmp_path / "g")
+    assert shown.exit_code == 0, shown.output
+    assert "fallbacks" in shown.stderr and "mlp.experts.0.gate_proj: rounded to nearest" in shown.stderr
+    recorded = [note for m in open_artifact(tmp_path / "g").manifest.metrics["layers"] for note in m.get("fallbacks", [])]
+    assert recorded and all(note.startswith("mlp.experts.") for note in recorded)
+    quiet = quant(*args, "-o", tmp_path / "q", "-q")
+    assert quiet.exit_code == 0 and f"{len(recorded)} fallbacks" in quiet.stderr
+
+
+def test_dense_linears_get_gptq_under_min_expert_tokens(tiny_model_dir, tmp_path):
+    text = tiny_model_dir.parent / "text.txt"
+    calib = ["--dataset", text, "--nsamples", 2, "--seqlen", 8, "--group", 32, "-q"]  # 16 tokens < 64
+    assert quant("gptq", tiny_model_dir, *calib, "-o", tmp_path / "g").exit_code == 0
+    assert quant("rtn", tiny_model_dir, *calib, "-o", tmp_path / "r").exit_code == 0
+    gptq, rtn = read_quantized(open_artifact(tmp_path / "g")), read_quantized(open_artifact(tmp_path / "r"))
+    assert not any(m.get("fallbacks") for m in open_artifact(tmp_path / "g").manifest.metrics["layers"])
+    assert all(not torch.equal(gptq[name].codes, rtn[name].codes) for name in gptq)
+
+
+# ---------------------------------------------------------------- packed checkpoints, bench, demo, transforms, W-A
+
+
+BENCH_FAST = ["--prompt-lens", 8, "--gen", 2, "--reps", 1, "--warmup", 0, "--device", "cpu", "--json", "-q"]
+
+
+@pytest.fixture(scope="module")
+def packed(calib_and_rtn, tiny_model_dir, tmp_path_factory):
+    import shutil
+
+    out, _ = calib_and_rtn
+    root = tmp_path_factory.mktemp("packed")
+    shutil.copytree(tiny_model_dir, root / "model")  # a base model this module may delete
+    made = quant("rtn", root / "model", "--group", 32, "-o", root / "rtn", "-q")
+    assert made.exit_code == 0, made.output
+    pack = quant("pack", root / "rtn", "-o", root / "packed", "-q")  # default: asymmetric compressed-tensors
+    assert pack.exit_code == 0, pack.output
+    assert pack.stdout.strip() == str(root / "packed")
+    return root
+
+
+def test_eval_ppl_reads_a_packed_checkpoint(packed, tiny_model_dir):
+    text = tiny_model_dir.parent / "text.txt"
+    args = ["--dataset", text, "--seqlen", 64, "--max-windows", 2, "--json", "-q"]
+    from_packed = json.loads(quant("eval-ppl", packed / "packed", *args).stdout)
+    from_artifact = json.loads(quant("eval-ppl", packed / "rtn", *args).stdout)
+    assert from_packed["kind"] == "packed" and from_packed["format"] == "compressed-tensors"
+    assert from_packed["spec"]["group"] == 32 and from_packed["spec"]["sym"] is False
+    assert from_packed["ppl"] == pytest.approx(from_artifact["ppl"], rel=2e-3)  # fp16 scales in the pack
+
+
+def test_bench_packed_with_baseline(packed):
+    result = quant("bench", packed / "packed", "--baseline", "bf16", *BENCH_FAST)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["kind"] == "packed" and record["format"] == "compressed-tensors"
+    assert record["baseline"]["dtype"] == "bfloat16" and record["ratios"]["weight_bytes_ratio"] < 1
+
+
+def test_bench_artifact_with_baseline(packed):
+    result = quant("bench", packed / "rtn", "--baseline", "fp32", *BENCH_FAST)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["kind"] == "rtn" and record["baseline"]["weight_bytes"] > record["weight_bytes"]
+
+
+def test_bench_baseline_of_a_packed_checkpoint_whose_base_is_gone(packed, tmp_path):
+    import shutil
+
+    shutil.copytree(packed / "packed", tmp_path / "packed")
+    shutil.move(packed / "model", tmp_path / "moved")
+    try:
+        one_line_error(quant("bench", tmp_path / "packed", "--baseline", "bf16", *BENCH_FAST), "is gone")
+        assert quant("bench", tmp_path / "packed", *BENCH_FAST).exit_code == 0  # without --baseline it needs no base
+    finally:
+        shutil.move(tmp_path / "moved", packed / "model")
+
+
+def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path):
+    result = quant("demo", "--model", tiny_model_dir, "--windows", 1, "--workdir", tmp_path / "demo", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert set(rows) == {"fp32", "rtn w4g64", "awq w4g64"} and all(v > 1 for v in rows.values())
+    assert open_artifact(tmp_path / "demo" / "awq-w4g64").kind == "awq"
+
+
+def test_awq_save_transformed(calib_and_rtn, tiny_model_dir, tmp_path):
+    from quantcli.models.load import load_input
+    from quantcli.quant import QuantSpec, quantize_weight
+
+    out, _ = calib_and_rtn
+    made = quant("awq", tiny_model_dir, "--w3", "--group", 32, "--calib", out / "calib", "-o", tmp_path / "awq",
+                 "--save-transformed", tmp_path / "fp", "-q")
+    assert made.exit_code == 0, made.output
+    codes = read_quantized(open_artifact(tmp_path / "awq"))
+    transformed = load_input(str(tmp_path / "fp")).model  # a plain HF directory
+    spec = QuantSpec(wbits=3, group=32)
+    for name, qw in codes.items():  # rounding the scaled, clipped weights gives the artifact's weights
+        w = transformed.get_submodule(name).weight.data
+        torch.testing.assert_close(quantize_weight(w, spec).dequantize(), qw.dequantize(), rtol=0, atol=1e-4)
+    one_line_error(quant("awq", tiny_model_dir, "--calib", out / "calib", "--group", 32, "-o", tmp_path / "again",
+                         "--save-transformed", tmp_path / "fp"), "already exists")
+    assert not (tmp_path / "again").exists()  # refused before any work
+
+
+def test_eval_a_weight_activation_artifact(tiny_model_dir, tmp_path):
+    text = tiny_model_dir.parent / "text.txt"
+    ppl = {}
+    for abits in (16, 8):
+        made = quant("rtn", tiny_model_dir, "--w8", "--group", 32, "--abits", abits, "-o", tmp_path / f"a{abits}", "-q")
+        assert made.exit_code == 0, made.output
+        result = quant("eval-ppl", tmp_path / f"a{abits}", "--dataset", text, "--seqlen", 64, "--max-windows", 2, "--json", "-q")
+        record = json.loads(result.stdout)
+        assert record["kind"] == "rtn" and record["spec"]["abits"] == abits
+        ppl[abits] = record["ppl"]
+    assert ppl[8] != ppl[16]  # the activation quantizer is installed at evaluation

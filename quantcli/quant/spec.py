@@ -8,6 +8,7 @@ from quantcli.errors import SpecError
 
 SUPPORTED_WBITS = range(2, 9)
 SUPPORTED_ABITS = (4, 6, 8, 16)
+COMMON_GROUPS = (16, 32, 64, 128, 256)  # the group sizes a refusal suggests, when they divide
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class QuantSpec:
     def check_divides(self, in_features: int, where: str) -> None:
         """Refuse a group size that does not divide a linear's input dimension."""
         if self.group != -1 and in_features % self.group:
-            divisors = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
-            hint = f"try --group {divisors[-1]}" if divisors else "use --group -1 (per channel)"
+            divisors = [g for g in COMMON_GROUPS if in_features % g == 0][::-1]
+            hint = f"try --group {' or '.join(map(str, divisors))}" if divisors else "use --group -1 (per channel)"
             raise SpecError(
                 f"--group {self.group} does not divide the input dimension {in_features} of {where}: {hint}"
             )
