@@ -319,7 +319,7 @@ def test_demo_on_a_tiny_model(tiny_model_dir, tmp_path):
 
 
 def test_awq_save_transformed(calib_and_rtn, tiny_model_dir, tmp_path):
-    from quantcli.models.load import load_input
+    from quantcli.loading import load_input
     from quantcli.quant import QuantSpec, quantize_weight
 
     out, _ = calib_and_rtn

@@ -20,7 +20,7 @@ from quantcli.errors import ArtifactError
 from quantcli.loading import load_input, materialize
 from quantcli.models.weights import read_quantized
 from quantcli.quant import QuantSpec
-from quantcli.stage import run_stage
+from quantcli.stage import Calibration, RunParams, StageParams, run_stage
 
 SPEC = QuantSpec(3, 16)
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -49,7 +49,7 @@ def model_dirs(tmp_path_factory):
 def run(kind: str, source, out):
     """Run stage ``kind`` on ``source`` (a model dir or an artifact); the artifact and the model it left behind."""
     loaded = load_input(str(source), quantized=False)
-    artifact = run_stage(kind, ALGOS[kind], {}, loaded, SPEC, out, IDS, None, device="cpu", batch=2)
+    artifact = run_stage(StageParams(kind, ALGOS[kind], SPEC), loaded, out, Calibration(IDS, {}), RunParams("cpu", batch=2))
     return artifact, loaded.model
 
 

@@ -328,7 +328,7 @@ def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tm
     the driver left in the model (folded norms, dequantized codes)."""
     from quantcli.loading import load_input, materialize
     from quantcli.models.weights import read_quantized
-    from quantcli.stage import run_stage
+    from quantcli.stage import Calibration, RunParams, StageParams, run_stage
 
     model_dir = tmp_path / "model"
     tiny_models()[arch](0).save_pretrained(model_dir)
@@ -339,7 +339,7 @@ def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tm
         base = loaded.model(ids).logits
     spec = QuantSpec(wbits=4, group=16, abits=8)
     algo = OmniQuant(OmniQuantParams(epochs=epochs, let=True, let_lr=2e-2))
-    artifact = run_stage("omniquant", algo, {}, loaded, spec, tmp_path / "omni", ids, {}, device="cpu", batch=2)
+    artifact = run_stage(StageParams("omniquant", algo, spec), loaded, tmp_path / "omni", Calibration(ids, {}), RunParams("cpu", batch=2))
     assert any(k.endswith(".let_scale") for k in artifact.tensors("omniquant.safetensors"))
 
     fp, _ = materialize(artifact, quantized=False)
