@@ -348,3 +348,21 @@ def test_eval_a_weight_activation_artifact(tiny_model_dir, tmp_path):
         assert record["kind"] == "rtn" and record["spec"]["abits"] == abits
         ppl[abits] = record["ppl"]
     assert ppl[8] != ppl[16]  # the activation quantizer is installed at evaluation
+
+
+def test_inherited_calibration_from_a_calib_artifact_or_a_changed_dataset(calib_and_rtn, tiny_model_dir, tmp_path):
+    out, text = calib_and_rtn
+    awq = quant("awq", tiny_model_dir, "--group", 32, "--calib", out / "calib", "-o", tmp_path / "awq", "-q")
+    assert awq.exit_code == 0, awq.output
+    gptq = quant("gptq", tmp_path / "awq", "-q")  # no -o, no spec, no calibration flags
+    assert gptq.exit_code == 0, gptq.output
+    calibration = open_artifact(tmp_path / "awq-gptq").manifest.params["calibration"]
+    assert calibration["artifact"] == str((out / "calib").resolve()) and calibration["inherited_from"] == str((tmp_path / "awq").resolve())
+
+    moved = tmp_path / "text.txt"
+    moved.write_text(text.read_text())
+    made = quant("awq", tiny_model_dir, "--group", 32, "--dataset", moved, "--nsamples", 2, "--seqlen", 16, "-o", tmp_path / "a2", "-q")
+    assert made.exit_code == 0, made.output
+    moved.write_text(text.read_text()[::-1])  # same length, other tokens: the recorded digest no longer matches
+    one_line_error(quant("gptq", tmp_path / "a2"), "no longer come out the same")
+    assert not (tmp_path / "a2-gptq").exists()
