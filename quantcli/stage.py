@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from quantcli.algos.driver import LayerAlgo, LayerEvent, resolve_device, run_blockwise
+from quantcli.algos.parent import Upstream, no_upstream
 from quantcli.artifact import Artifact, Manifest, check_output_free, is_artifact, open_artifact, write_artifact
 from quantcli.calib.data import BUILTIN, calibration_blocks, load_texts
 from quantcli.errors import ArtifactError, InputError
@@ -86,7 +87,7 @@ class StageParams:
     algo: LayerAlgo
     spec: QuantSpec
     recorded: dict = field(default_factory=dict)
-    upstream: Callable[[int], dict[str, torch.Tensor]] = lambda _i: {}
+    upstream: Upstream = no_upstream
 
 
 def ids_digest(ids: torch.Tensor) -> str:

@@ -23,6 +23,8 @@ EPILOG = """Examples:
 
   quant awq model/ --w4 --group 128 -o awq/ && quant omniquant awq/ --w4 --group 128 -o omni/   (start from AWQ)
 
+  quant omniquant out/ --init-from out/ --epochs 5   (spec and calibration from out/; writes out-omniquant/)
+
   quant omniquant model/ --w3 --group 64 --init-from awq-w3/ --dataset ../texts/emma.txt --nsamples 32 --seqlen 512 -o omni/
 """
 
