@@ -366,3 +366,19 @@ def test_inherited_calibration_from_a_calib_artifact_or_a_changed_dataset(calib_
     moved.write_text(text.read_text()[::-1])  # same length, other tokens: the recorded digest no longer matches
     one_line_error(quant("gptq", tmp_path / "a2"), "no longer come out the same")
     assert not (tmp_path / "a2-gptq").exists()
+
+
+def test_layer_progress_reports_eta_and_peak_memory(tiny_model_dir, tmp_path):
+    """Off a terminal each finished layer is one stderr line with elapsed time, an ETA and the peak RSS.
+
+    Catches a bar that drops the time estimate or the memory figure on long runs (issue 12).
+    """
+    text = tiny_model_dir.parent / "text.txt"
+    result = quant(
+        "gptq", tiny_model_dir, "--w4", "--group", 32, "--dataset", text, "--nsamples", 2, "--seqlen", 16, "-o", tmp_path / "gptq")
+    assert result.exit_code == 0, result.output
+    layer_lines = [line for line in result.stderr.splitlines() if " layer " in line and "/2:" in line]
+    assert len(layer_lines) == 2, result.stderr
+    first, last = layer_lines
+    assert "peak RSS" in first and "GiB" in first and "eta" in first
+    assert last.rstrip().endswith("eta 0s"), last

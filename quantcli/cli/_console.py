@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 err = Console(stderr=True, highlight=False)
@@ -23,6 +25,15 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def peak_memory_text() -> str:
+    """Peak resident memory of this process so far (and of the GPU allocator when CUDA was used)."""
+    text = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    return text
 
 
 def _metrics_text(metrics: dict) -> str:
@@ -43,6 +54,8 @@ class LayerProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=err,
             transient=False,
             disable=not self.enabled,
@@ -50,6 +63,7 @@ class LayerProgress:
         self.task = None
 
     def __enter__(self):
+        self.started = time.monotonic()
         self.progress.__enter__()
         return self
 
@@ -60,10 +74,13 @@ class LayerProgress:
         if self.task is None:
             self.task = self.progress.add_task(self.title, total=event.total, status="")
         loss = "" if event.loss is None else f"loss {event.loss:.3g}  "
-        status = f"{event.name}  {loss}{_metrics_text(event.metrics)}  {event.seconds:.1f}s"
+        status = f"{event.name}  {loss}{_metrics_text(event.metrics)}  {event.seconds:.1f}s  {peak_memory_text()}"
         self.progress.update(self.task, completed=event.index + 1, status=status)
         if not self.enabled and not self.quiet:
-            err.print(f"{self.title} layer {event.index + 1}/{event.total}: {status}")
+            done = event.index + 1
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / done * (event.total - done)
+            err.print(f"{self.title} layer {done}/{event.total}: {status}  elapsed {elapsed:.0f}s eta {eta:.0f}s", soft_wrap=True)
 
     def on_update(self, index: int, **metrics) -> None:
         if self.task is not None or self.enabled:
