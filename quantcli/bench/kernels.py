@@ -14,6 +14,13 @@ Kernels used, all from ATen (no extra dependency):
 * ``dequant-fp`` : a plain ``nn.Linear`` holding the dequantized weight, used for a layer no kernel
   can take; :class:`KernelReport` says which layers and why.
 
+Prefill path: a low-bit kernel wins at one token (decode: it reads 4× fewer bytes) but can lose
+badly to the device's dense bf16 matmul on many tokens (on CPUs with AMX the int4 kernel is 5-20×
+slower at 1000 tokens). :func:`choose_dense_threshold` times both on each weight shape once; from the
+measured token count on, a layer dequantizes its packed weight to bf16 once per call and runs the
+dense matmul (``dequant-per-call+dense``). The weight stays packed in memory; every choice, with the
+timings behind it, is in :class:`KernelReport`.
+
 Activations are cast to bf16 for the kernels (the CPU int4 kernel is many times slower on fp32
 activations) and the output is cast back to the input dtype. After swapping, move a model with
 ``model.to(device)`` only: ``model.to(dtype)`` would cast the kernels' bf16 scale buffers.
@@ -21,11 +28,13 @@ activations) and the output is cast back to the input dtype. After swapping, mov
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from quantcli.bench.latency import synchronize
 from quantcli.quant.affine import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernels accept
@@ -36,6 +45,9 @@ INT4_CPU = "aten._weight_int4pack_mm_for_cpu"
 INT4_CUDA = "aten._weight_int4pack_mm"
 INT8 = "aten._weight_int8pack_mm"
 DEQUANT = "dequant-fp"
+DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense matmul (prefill)
+DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
+DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +189,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("perm", perm)
         self.register_buffer("bias", bias)
         self.kernel = INT4_CPU if packed.device.type == "cpu" else INT4_CUDA
+        self.dense_from: int | None = None  # from this many rows on: dequantize + dense matmul
 
     @classmethod
     def from_quantized(
@@ -208,9 +221,34 @@ class Int4WeightOnlyLinear(nn.Module):
             perm=None if perm is None else perm.to(device),
         )
 
+    def dense_unsupported(self) -> str:
+        """Why :meth:`dense_weight` cannot unpack this layout ("" when it can)."""
+        if self.packed.device.type != "cpu":
+            return f"no unpacker for the {self.packed.device.type} int4 tile layout"
+        if self.out_features % 64:
+            return f"out_features {self.out_features} is not a multiple of 64 (CPU int4 pack blocks)"
+        return ""
+
+    def dense_weight(self) -> Tensor:
+        """The dequantized weight ``[N, K]`` in bf16 (columns in kernel order, i.e. permuted by ``perm``).
+
+        The CPU int4 pack stores 64-row blocks as ``[K, 32]`` bytes whose low nibble is row ``j``
+        and high nibble row ``j + 32`` of the block (checked against the codes when the dense path
+        is chosen, see :func:`choose_dense_threshold`).
+        """
+        n, k, g = self.out_features, self.in_features, self.group_size
+        with torch.profiler.record_function(DEQUANT_LABEL):
+            v = self.packed.view(n // 64, k, 32)
+            q = torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(n, k // g, g)  # uint8 codes
+            scale, offset = self.scale_and_zero.unbind(-1)  # [K/G, N] each: w = scale·(q − 8) + offset
+            shift = (offset.float() - 8 * scale.float()).t().contiguous().to(KERNEL_DTYPE)
+            return torch.addcmul(shift[..., None], q.to(KERNEL_DTYPE), scale.t().contiguous()[..., None]).view(n, k)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = _flatten(x, self.perm)
-        if self.packed.device.type == "cpu":
+        if self.dense_from is not None and x2.shape[0] >= self.dense_from:
+            y = nn.functional.linear(x2, self.dense_weight())
+        elif self.packed.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_and_zero)
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_and_zero)
@@ -218,7 +256,8 @@ class Int4WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}"
+        dense = f", dense from {self.dense_from} tokens" if self.dense_from is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{dense}"
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -242,6 +281,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("row_offset", row_offset)
         self.register_buffer("bias", bias)
         self.kernel = INT8
+        self.dense_from: int | None = None
 
     @classmethod
     def from_quantized(
@@ -266,17 +306,32 @@ class Int8WeightOnlyLinear(nn.Module):
             row_offset=row_offset,
         )
 
+    def dense_unsupported(self) -> str:
+        return ""
+
+    def dense_weight(self) -> Tensor:
+        """The dequantized weight ``[N, K]`` in bf16: ``scale[n]·int8[n, k] + row_offset[n]``."""
+        with torch.profiler.record_function(DEQUANT_LABEL):
+            w = self.weight.to(KERNEL_DTYPE) * self.scale[:, None]
+            return w if self.row_offset is None else w + self.row_offset[:, None].to(KERNEL_DTYPE)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = _flatten(x, None)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
-        if self.row_offset is not None:
-            y = y.float() + x2.float().sum(dim=1, keepdim=True) * self.row_offset
+        if self.dense_from is not None and x2.shape[0] >= self.dense_from:
+            y = nn.functional.linear(x2, self.dense_weight())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
+            if self.row_offset is not None:
+                y = y.float() + x2.float().sum(dim=1, keepdim=True) * self.row_offset
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         shifted = ", shifted" if self.row_offset is not None else ""
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}{shifted}"
+
+
+KERNEL_MODULES = (Int4WeightOnlyLinear, Int8WeightOnlyLinear)  # modules whose bf16 buffers keep their dtype
 
 
 def dequantized_linear(
@@ -304,6 +359,14 @@ class LayerKernel:
     bits: int
     group: int
     reason: str = ""  # non-empty when a faster kernel was refused (always for dequant-fp)
+    dense_from: int | None = None  # from this many tokens per call on: dequant-per-call+dense
+    dense_reason: str = ""  # why that threshold (measured, or why there is no dense path)
+
+    def path(self, tokens: int) -> str:
+        """What runs a call with ``tokens`` rows: the kernel, or :data:`DENSE` from ``dense_from`` on."""
+        if self.dense_from is not None and tokens >= self.dense_from:
+            return DENSE
+        return self.kernel
 
 
 @dataclass
@@ -312,6 +375,15 @@ class KernelReport:
 
     device: str
     layers: dict[str, LayerKernel] = field(default_factory=dict)
+    shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: kernel vs dense timings
+
+    def path_counts(self, tokens: int) -> dict[str, int]:
+        """Number of layers per path for a call with ``tokens`` rows (1: decode; batch·L: prefill)."""
+        out: dict[str, int] = {}
+        for layer in self.layers.values():
+            path = layer.path(tokens)
+            out[path] = out.get(path, 0) + 1
+        return out
 
     def counts(self) -> dict[str, int]:
         """Number of layers per kernel, e.g. ``{"aten._weight_int4pack_mm_for_cpu": 210}``."""
@@ -329,6 +401,7 @@ class KernelReport:
             "device": self.device,
             "counts": self.counts(),
             "fallbacks": self.fallbacks(),
+            "dense_prefill_shapes": self.shapes,
             "layers": {name: asdict(lk) for name, lk in self.layers.items()},
         }
 
@@ -380,17 +453,81 @@ def build_kernel(
     return module, LayerKernel(DEQUANT, bits, qw.group, "; ".join(reasons))
 
 
+def _min_ms(fn, reps: int) -> float:
+    """Fastest of ``reps`` timed calls after one untimed call, in ms (the minimum resists other load)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def choose_dense_threshold(
+    module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TOKENS, reps: int = 3
+) -> tuple[int | None, str, dict]:
+    """From how many tokens per call ``module`` should dequantize + dense-matmul instead of its kernel.
+
+    Times the kernel and the dense path at each ``probe_tokens`` count (random bf16 rows, fastest of
+    ``reps``) and returns ``(threshold, reason, timings)``: the smallest probed count from which the
+    dense path is faster at every larger probe too, or None (kernel always) with the reason. The
+    unpacked weight is first checked against the kernel's output, so a changed packing layout
+    disables the dense path instead of computing garbage.
+    """
+    why = module.dense_unsupported()
+    if why:
+        return None, why, {}
+    device = module.scale_and_zero.device if hasattr(module, "scale_and_zero") else module.weight.device
+    gen = torch.Generator().manual_seed(0)
+    saved = module.dense_from
+    try:
+        with torch.inference_mode():
+            x = torch.randn(max(probe_tokens), module.in_features, generator=gen).to(device=device, dtype=KERNEL_DTYPE)
+            module.dense_from = None
+            ref = module(x[:4]).float()
+            module.dense_from = 0
+            rel = float((module(x[:4]).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+            if not rel <= VERIFY_TOL:
+                return None, f"unpacked weight differs from the kernel (relative error {rel:.3g})", {}
+            timings: dict[str, dict[int, float]] = {"kernel_ms": {}, "dense_ms": {}}
+            for m in probe_tokens:
+                xm = x[:m]
+                for key, dense_from in (("kernel_ms", None), ("dense_ms", 0)):
+                    module.dense_from = dense_from
+                    timings[key][m] = _min_ms(lambda: (module(xm), synchronize(device)), reps)
+    finally:
+        module.dense_from = saved
+    wins = [timings["dense_ms"][m] < timings["kernel_ms"][m] for m in probe_tokens]
+    threshold = None
+    for i, m in enumerate(probe_tokens):
+        if all(wins[i:]):
+            threshold = m
+            break
+    if threshold is None:
+        return None, f"kernel faster at {max(probe_tokens)} tokens", timings
+    return threshold, f"dense faster from {threshold} tokens on (probed {', '.join(map(str, probe_tokens))})", timings
+
+
+def _shape_key(module: nn.Module) -> str:
+    extra = "perm" if getattr(module, "perm", None) is not None else ""
+    return f"{type(module).__name__}[{module.out_features}x{module.in_features}]g{getattr(module, 'group_size', '')}{extra}"
+
+
 def swap_in_kernels(
     model: nn.Module,
     quantized: dict[str, QuantizedWeight],
     device: str | torch.device,
     verify: bool = True,
+    dense_prefill: bool = False,
 ) -> KernelReport:
     """Replace each quantized ``nn.Linear`` of ``model`` (by module name) with a kernel module.
 
     Every layer gets the best kernel that represents its codes exactly (int4, then int8) or a
     dequantized ``nn.Linear`` in the layer's own dtype; with ``verify`` each choice is checked
-    against the dequantized weight on random inputs and falls back on failure. The model is
+    against the dequantized weight on random inputs and falls back on failure. With
+    ``dense_prefill`` each distinct weight shape is timed once (:func:`choose_dense_threshold`) and
+    its layers dequantize + dense-matmul from the measured token count on. The model is
     changed in place; move its other parts with ``model.to(device)`` (never ``.to(dtype)``).
     """
     device = _device(device)
@@ -400,6 +537,16 @@ def swap_in_kernels(
         weight = getattr(linear, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         module, choice = build_kernel(qw, getattr(linear, "bias", None), device, dtype, verify)
+        if choice.kernel != DEQUANT:
+            if not dense_prefill:
+                choice.dense_reason = "dense prefill not requested"
+            else:
+                key = _shape_key(module)
+                if key not in report.shapes:
+                    threshold, why, timings = choose_dense_threshold(module)
+                    report.shapes[key] = {"dense_from": threshold, "reason": why, **timings}
+                module.dense_from = report.shapes[key]["dense_from"]
+                choice.dense_from, choice.dense_reason = module.dense_from, report.shapes[key]["reason"]
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         report.layers[name] = choice

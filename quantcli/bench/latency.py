@@ -105,19 +105,37 @@ def _text_config(config):
     return get() if get is not None else config
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Bytes of KV cache per token: ``layers × kv_heads × head_dim × 2 (K and V) × dtype size``."""
+def _attention_geometry(config) -> tuple[int, int, int, int]:
+    """``(layers, query heads, KV heads, head_dim)`` of a (text) config."""
     cfg = _text_config(config)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, heads, kv_heads, head_dim
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of KV cache per token: ``layers × kv_heads × head_dim × 2 (K and V) × dtype size``."""
+    layers, _, kv_heads, head_dim = _attention_geometry(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_hidden_layers * kv_heads * head_dim * 2 * itemsize
+    return layers * kv_heads * head_dim * 2 * itemsize
 
 
 def kv_cache_capacity(config, budget_bytes: int, dtype: torch.dtype) -> int:
     """Tokens of KV cache (summed over the batch) that fit in ``budget_bytes`` (full attention)."""
     return max(0, int(budget_bytes)) // kv_bytes_per_token(config, dtype)
+
+
+KV_BLOCK_TOKENS = 16  # a paged KV cache's block (vLLM's default), the seed study's unit
+REQUEST_TOKENS = 3000  # tokens per request in the seed study's "largest batch"
+
+
+def kv_capacity_in_blocks(capacity_tokens: int, block: int = KV_BLOCK_TOKENS, request: int = REQUEST_TOKENS) -> dict:
+    """Capacity in the seed study's terms: whole ``block``-token blocks, and how many requests of
+    ``request`` tokens (each rounded up to whole blocks) fit at once."""
+    blocks = capacity_tokens // block
+    per_request = -(-request // block)
+    return {"block_tokens": block, "blocks": blocks, "request_tokens": request, "max_batch": blocks // per_request}
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +197,7 @@ def measure_prefill_decode(
     device: str | torch.device,
     seed: int = 0,
     progress: Progress | None = None,
+    configure: Callable[[int], dict] | None = None,
 ) -> list[dict]:
     """Time prefill and greedy decode for each prompt length on synthetic token ids.
 
@@ -187,7 +206,9 @@ def measure_prefill_decode(
     Returns one dict per length: ``prefill_ms`` (median time to first token) with ``_min/_max/_std``
     over reps, ``prefill_tok_s`` (``batch·L`` / median prefill), ``decode_ms`` (median over reps of
     the mean per-step latency) with ``_min/_max/_std``, ``decode_tok_s`` (``batch`` / median step),
-    and ``peak_mem_bytes`` (GPU max allocated, or process peak RSS on CPU).
+    and ``peak_mem_bytes`` (GPU max allocated, or process peak RSS on CPU). ``configure(L)``, when
+    given, sets the model up for length ``L`` before its runs (untimed) and returns what it chose,
+    stored as the row's ``paths``.
     """
     device = torch.device(device)
     vocab = _text_config(model.config).vocab_size
@@ -198,6 +219,7 @@ def measure_prefill_decode(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         prefills, decodes = [], []
+        paths = configure(length) if configure is not None else None
         with torch.inference_mode():
             for i in range(warmup):
                 if progress:
@@ -211,6 +233,8 @@ def measure_prefill_decode(
                 if steps:
                     decodes.append(sum(steps) / len(steps))
         row = {"prompt_len": length, "batch": batch, "gen": gen, "reps": reps, "warmup": warmup}
+        if paths is not None:
+            row["paths"] = paths
         row.update(_summary(prefills, "prefill_ms"))
         row["prefill_tok_s"] = batch * length / (row["prefill_ms"] / 1e3)
         if decodes:

@@ -22,10 +22,12 @@ from quantcli.bench.latency import (
     free_memory_bytes,
     kv_bytes_per_token,
     kv_cache_capacity,
+    kv_capacity_in_blocks,
     measure_prefill_decode,
     peak_memory_bytes,
     weight_bytes,
 )
+from quantcli.bench.paths import fastest_paths
 from quantcli.errors import InputError
 from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
 
@@ -44,6 +46,9 @@ class BenchParams:
     baseline: None, or fp32/bf16/fp16: also time the unquantized base model in that dtype.
     memory_budget: bytes for weights + KV cache in the capacity estimate (None: free memory + weights).
     threads:  CPU threads for torch (None: torch's default, one per core).
+    fast_paths: choose per phase what runs fastest (see :mod:`quantcli.bench.paths`): dense prefill
+              for quantized linears from a measured token count, and with ``dtype="auto"`` the KV
+              cache / prefill attention dtype per prompt length. False: kernels always, one dtype.
     """
 
     prompt_lens: tuple[int, ...] = (100, 1000, 2000, 4000)
@@ -57,6 +62,7 @@ class BenchParams:
     baseline: str | None = None
     threads: int | None = None
     seed: int = 0
+    fast_paths: bool = True
 
 
 def parse_bytes(text: str) -> int:
@@ -134,18 +140,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def bench_model(
-    model: nn.Module, params: BenchParams, dtype: torch.dtype, budget: int, progress: Progress | None, label: str
+    model: nn.Module, params: BenchParams, dtype: torch.dtype, budget: int, progress: Progress | None, label: str,
+    configure=None,
 ) -> dict:
     """Latency rows, weight bytes, peak memory and KV-cache room of a model already on its device.
 
-    ``budget`` is the memory for weights + KV cache; the KV cache gets what the weights leave.
+    ``budget`` is the memory for weights + KV cache; the KV cache gets what the weights leave, in
+    ``dtype``. ``configure(L)`` (see :func:`measure_prefill_decode`) sets per-length paths.
     """
     device = torch.device(params.device)
     rows = measure_prefill_decode(
         model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
+        configure=configure,
     )
     weights = weight_bytes(model)
+    capacity = kv_cache_capacity(model.config, budget - weights, dtype)
     return {
         "dtype": _dtype_name(dtype),
         "weight_bytes": weights,
@@ -155,7 +165,8 @@ def bench_model(
             "dtype": _dtype_name(dtype),
             "bytes_per_token": kv_bytes_per_token(model.config, dtype),
             "memory_budget_bytes": budget,
-            "capacity_tokens": kv_cache_capacity(model.config, budget - weights, dtype),
+            "capacity_tokens": capacity,
+            **kv_capacity_in_blocks(capacity),
         },
         "results": rows,
     }
@@ -199,7 +210,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
     if loaded.quantized:
         if progress:
             progress(f"swapping in kernels for {len(loaded.quantized)} quantized linears")
-        report = swap_in_kernels(model, loaded.quantized, device)
+        report = swap_in_kernels(model, loaded.quantized, device, dense_prefill=params.fast_paths)
         if loaded.spec is not None and not loaded.spec.weight_only:
             notes.append(
                 f"activation fake-quant (abits {loaded.spec.abits}) has no real kernel here: measured weight-only"
@@ -208,6 +219,10 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
     model.to(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    configure, paths, kv_dtype = None, None, dtype
+    if params.fast_paths:
+        paths = fastest_paths(model, report, params, dtype, progress)
+        configure, kv_dtype = paths.configure, paths.kv_dtype
     if params.memory_budget is not None:
         budget, budget_source = params.memory_budget, "--memory-budget"
     else:  # what this model could use on its own: its weights plus the device's free memory
@@ -219,7 +234,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         "params": asdict(params),
         "kernels": report.to_dict() if report is not None else None,
         "memory_budget": {"bytes": budget, "source": budget_source},
-        **bench_model(model, params, dtype, budget, progress, "quantized" if report else "model"),
+        **bench_model(model, params, kv_dtype, budget, progress, "quantized" if report else "model", configure),
         "env": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -229,6 +244,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         },
         "notes": notes,
     }
+    result["paths"] = paths.to_dict() if paths is not None else None  # filled in while timing
     if params.baseline:
         base_dtype = DTYPES[params.baseline]
         from quantcli.models.load import load_base

@@ -1,0 +1,295 @@
+"""The fastest path per phase for ``quant bench``, chosen by measuring on the device, and reported.
+
+* Quantized linears: the low-bit kernel for decode; from a per-shape measured token count on,
+  dequantize-per-call + dense matmul for prefill (:func:`quantcli.bench.kernels.choose_dense_threshold`).
+* Attention and the KV cache, per prompt length ``L``: the residual stream and KV cache in the dtype
+  whose decode attention is fastest at cache length ``L + gen/2``; prefill attention in the dtype
+  fastest for ``L`` queries given that stream (q, k, v cast for the call). Measured with
+  :func:`time_attention` on the model's own head geometry; the candidates are bf16 and fp32 where
+  the device computes bf16 natively (CUDA, AVX512-BF16/AMX CPUs), else the one ``--dtype`` named.
+* :func:`profile_phases` says where the time of one prefill + decode goes (attention, matmuls,
+  dequantization, the rest), so a missed target can be explained.
+
+Every choice and the timings behind it land in the bench JSON (``paths``, ``kernels``) and in the
+human table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+import torch
+from torch import nn
+
+from quantcli.bench.kernels import DEQUANT_LABEL, KERNEL_MODULES, KernelReport
+from quantcli.bench.latency import _attention_geometry, _forward_kwargs, synchronize
+
+PHASE_ATTENTION = "quantcli_phase_sdpa"  # transformers attention implementation registered below
+PREFILL_DTYPE_ATTR = "quantcli_prefill_dtype"  # set on attention modules: dtype of prefill attention
+
+
+def _phase_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA in the cache dtype for decode, in ``module.quantcli_prefill_dtype`` for prefill.
+
+    ``query [B, H, Lq, D]``, ``key/value [B, KV, Lk, D]``; prefill (``Lq > 1``) casts q, k, v (and a
+    float mask) to the prefill dtype for the call and the output back, so the KV cache and the
+    residual stream stay in the model's dtype.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = getattr(module, PREFILL_DTYPE_ATTR, None)
+    if query.shape[2] == 1 or dtype is None or dtype == query.dtype:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.to(dtype)
+    out, weights = sdpa_attention_forward(
+        module, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, **kwargs
+    )
+    return out.to(query.dtype), weights
+
+
+def install_phase_attention(model: nn.Module) -> str:
+    """Route the model's attention through :func:`_phase_sdpa`; "" on success, else why not."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as err:
+        return f"transformers has no attention registry ({err})"
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", PHASE_ATTENTION):
+        return f"model uses {model.config._attn_implementation!r} attention, not sdpa"
+    AttentionInterface.register(PHASE_ATTENTION, _phase_sdpa)
+    AttentionMaskInterface.register(PHASE_ATTENTION, sdpa_mask)
+    model.config._attn_implementation = PHASE_ATTENTION
+    for sub in model.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
+            cfg._attn_implementation = PHASE_ATTENTION
+    return ""
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype, keep: tuple[type, ...] = ()) -> None:
+    """Cast the floating parameters and buffers of every module but those of type ``keep`` (the
+    low-bit kernels, whose bf16 scales must stay bf16) to ``dtype``, in place; tied weights stay
+    tied. Going fp32 → bf16 → fp32 keeps bf16 precision: fine for timing, not for evaluation."""
+    for module in model.modules():
+        if isinstance(module, keep):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
+
+
+def set_prefill_attention_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Make :func:`_phase_sdpa` run prefill attention in ``dtype`` (None: the stream's dtype)."""
+    for module in model.modules():
+        if hasattr(module, "num_key_value_groups") or type(module).__name__.endswith("Attention"):
+            setattr(module, PREFILL_DTYPE_ATTR, dtype)
+
+
+def time_attention(
+    config, length: int, batch: int, dtype: torch.dtype, stream: torch.dtype, phase: str, device: torch.device, reps: int = 3
+) -> float:
+    """Milliseconds of one forward's attention over all layers, fastest of ``reps`` (× layers).
+
+    ``decode``: append one token to a ``[batch, KV, length, D]`` cache in ``dtype`` and attend
+    one query (the work a decode step does per layer). ``prefill``: causal SDPA of ``length``
+    queries, inputs made in ``stream`` and cast to ``dtype`` inside the timed call.
+    """
+    layers, heads, kv_heads, head_dim = _attention_geometry(config)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dt):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
+
+    gqa = {"enable_gqa": True} if heads != kv_heads else {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if phase == "decode":
+        q, k, v = rand(batch, heads, 1, head_dim, dt=dtype), rand(batch, kv_heads, length, head_dim, dt=dtype), rand(batch, kv_heads, length, head_dim, dt=dtype)
+        new = rand(batch, kv_heads, 1, head_dim, dt=dtype)
+
+        def step():
+            sdpa(q, torch.cat([k, new], dim=-2), torch.cat([v, new], dim=-2), **gqa)
+            synchronize(device)
+    else:
+        q, k, v = rand(batch, heads, length, head_dim, dt=stream), rand(batch, kv_heads, length, head_dim, dt=stream), rand(batch, kv_heads, length, head_dim, dt=stream)
+
+        def step():
+            sdpa(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, **gqa).to(stream)
+            synchronize(device)
+
+    with torch.inference_mode():
+        step()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t0)
+    return best * 1e3 * layers
+
+
+def plan_attention(
+    config, prompt_lens: list[int], gen: int, batch: int, candidates: tuple[torch.dtype, ...], device: torch.device
+) -> dict[int, dict]:
+    """Per prompt length: the KV-cache (and residual-stream) dtype that decodes fastest at the
+    cache's mean length ``L + gen/2``, and the dtype that prefill attention is fastest in given
+    that stream dtype, each from :func:`time_attention` over ``candidates``.
+
+    Returns ``{L: {"kv_cache": dtype, "prefill_attention": dtype, "decode_attention_ms": {...},
+    "prefill_attention_ms": {...}}}`` (dtype names in the ms dicts).
+    """
+    plans = {}
+    for length in prompt_lens:
+        cache_len = length + max(gen, 1) // 2
+        decode_ms = {d: time_attention(config, cache_len, batch, d, d, "decode", device) for d in candidates}
+        cache = min(candidates, key=decode_ms.__getitem__)
+        prefill_ms = {d: time_attention(config, length, batch, d, cache, "prefill", device) for d in candidates}
+        plans[length] = {
+            "kv_cache": cache,
+            "prefill_attention": min(candidates, key=prefill_ms.__getitem__),
+            "decode_attention_ms": {_name(d): round(t, 3) for d, t in decode_ms.items()},
+            "prefill_attention_ms": {_name(d): round(t, 3) for d, t in prefill_ms.items()},
+        }
+    return plans
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass
+class PhasePaths:
+    """What runs each phase at each prompt length; ``configure(L)`` applies it to the model."""
+
+    model: nn.Module
+    report: KernelReport | None
+    batch: int
+    plans: dict[int, dict]
+    attention_note: str = ""  # why prefill attention cannot differ from the stream dtype ("" if it can)
+    candidates: tuple[str, ...] = ()
+    applied: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV-cache dtype at the longest prompt (what the capacity estimate is computed in)."""
+        return self.plans[max(self.plans)]["kv_cache"]
+
+    def configure(self, length: int) -> dict:
+        """Cast the stream / KV cache and set the prefill attention dtype for ``length``; the choices."""
+        plan = self.plans[length]
+        set_compute_dtype(self.model, plan["kv_cache"], keep=KERNEL_MODULES)
+        prefill_attention = plan["prefill_attention"] if not self.attention_note else plan["kv_cache"]
+        set_prefill_attention_dtype(self.model, None if self.attention_note else prefill_attention)
+        tokens = self.batch * length
+        chosen = {
+            "prefill": {
+                "tokens": tokens,
+                "attention": _name(prefill_attention),
+                "linears": self.report.path_counts(tokens) if self.report else {"dense (unquantized)": None},
+            },
+            "decode": {
+                "tokens": self.batch,
+                "attention_and_kv_cache": _name(plan["kv_cache"]),
+                "linears": self.report.path_counts(self.batch) if self.report else {"dense (unquantized)": None},
+            },
+            "measured_ms": {"decode_attention": plan["decode_attention_ms"], "prefill_attention": plan["prefill_attention_ms"]},
+        }
+        self.applied[length] = chosen
+        return chosen
+
+    def to_dict(self) -> dict:
+        return {
+            "candidates": list(self.candidates),
+            "attention_note": self.attention_note,
+            "kv_cache_dtype_for_capacity": _name(self.kv_dtype),
+            "per_prompt_len": {str(length): self.applied.get(length) for length in self.plans},
+        }
+
+
+def attention_candidates(dtype_name: str, dtype: torch.dtype, device: torch.device, native_bf16: bool) -> tuple[torch.dtype, ...]:
+    """Dtypes to try for attention / KV cache: bf16 and fp32 under ``--dtype auto`` where bf16 is
+    native (CUDA or AVX512-BF16/AMX), else only ``dtype``."""
+    if dtype_name == "auto" and (device.type == "cuda" or native_bf16):
+        return (torch.bfloat16, torch.float32)
+    return (dtype,)
+
+
+def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: torch.dtype, progress=None) -> PhasePaths:
+    """Measure and return the per-phase plan for ``params.prompt_lens`` (see the module docstring)."""
+    from quantcli.bench.run import native_bf16_cpu
+
+    device = torch.device(params.device)
+    candidates = attention_candidates(params.dtype, dtype, device, native_bf16_cpu())
+    if progress:
+        progress(f"timing attention in {', '.join(map(_name, candidates))} per prompt length")
+    plans = plan_attention(model.config, list(params.prompt_lens), params.gen, params.batch, candidates, device)
+    note = install_phase_attention(model)
+    return PhasePaths(model, report, params.batch, plans, note, tuple(map(_name, candidates)))
+
+
+# --------------------------------------------------------------------------------------------
+# Where the time goes
+# --------------------------------------------------------------------------------------------
+
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::softmax", "aten::_softmax")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # and the low-bit kernels (…pack_mm…)
+
+
+def profile_phases(model: nn.Module, length: int, steps: int, device: torch.device, seed: int = 0) -> dict:
+    """Milliseconds of one prefill of ``length`` tokens and of ``steps`` decode steps, split by
+    torch.profiler self time into attention (SDPA, KV-cache append, softmax), matmuls (low-bit
+    kernels, dense and lm_head), dequantization (the dense-prefill unpacking) and everything else.
+
+    Returns ``{"prefill": {...}, "decode_per_step": {...}}``, each with ``wall_ms`` and the shares.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
+    extra = _forward_kwargs(model)
+    out = {}
+    with torch.inference_mode():
+        for phase in ("prefill", "decode_per_step"):
+            if phase == "prefill":
+                with profile(activities=activities) as prof:
+                    t0 = time.perf_counter()
+                    res = model(input_ids=ids, use_cache=True, **extra)
+                    synchronize(device)
+                    wall = time.perf_counter() - t0
+                cache, token = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+                n = 1
+            else:
+                with profile(activities=activities) as prof:
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        res = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+                        cache, token = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+                    synchronize(device)
+                    wall = time.perf_counter() - t0
+                n = steps
+            out[phase] = _split(prof.key_averages(), wall * 1e3 / n, n)
+    return out
+
+
+def _split(averages, wall_ms: float, n: int) -> dict:
+    """Bucket self CPU time (ms per call of the phase) by op name."""
+    buckets = {"attention_ms": 0.0, "matmul_ms": 0.0, "dequantize_ms": 0.0}
+    dequant_total = 0.0
+    for ev in averages:
+        if ev.key == DEQUANT_LABEL:
+            dequant_total = ev.cpu_time_total / 1e3 / n
+            continue
+        self_ms = ev.self_cpu_time_total / 1e3 / n
+        if any(op in ev.key for op in ATTENTION_OPS):
+            buckets["attention_ms"] += self_ms
+        elif ev.key in MATMUL_OPS or "pack_mm" in ev.key:
+            buckets["matmul_ms"] += self_ms
+    buckets["dequantize_ms"] = dequant_total
+    # profiler self times are summed over threads of one op, so shares are of the ops' total
+    ops_total = sum(ev.self_cpu_time_total for ev in averages if ev.key != DEQUANT_LABEL) / 1e3 / n
+    buckets["other_ms"] = max(0.0, ops_total - buckets["attention_ms"] - buckets["matmul_ms"] - dequant_total)
+    shares = {k.replace("_ms", "_share"): (v / ops_total if ops_total else 0.0) for k, v in buckets.items()}
+    return {"wall_ms": wall_ms, **{k: round(v, 3) for k, v in buckets.items()}, **{k: round(v, 3) for k, v in shares.items()}}
