@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import conftest
 import pytest
@@ -180,3 +181,103 @@ def test_weight_bytes_and_latency_smoke(base: nn.Module) -> None:
     for r in rows:
         assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and r["decode_tok_s"] > 0
         assert r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (64, 128)])
+def test_dense_prefill_path_matches_kernel(shape: tuple[int, int]) -> None:
+    """The per-call unpacked weight reproduces the packed codes: dense path == kernel path == dequantized."""
+    gen = torch.Generator().manual_seed(5)
+    qw = quantize_weight(torch.randn(*shape, generator=gen), QuantSpec(wbits=4, group=32))
+    layer = Int4WeightOnlyLinear.from_quantized(qw)
+    assert layer.dense_unsupported() == ""
+    assert rel_err(layer.dense_weight(), qw.dequantize()) < 1e-2
+    x = torch.randn(40, shape[1], generator=gen)
+    kernel_out = layer(x)
+    layer.dense_from = 16
+    assert rel_err(layer(x), x @ qw.dequantize().t()) < 1e-2
+    assert rel_err(layer(x), kernel_out) < 1e-2
+    threshold, reason, timings = kernels.choose_dense_threshold(layer, probe_tokens=(4, 16), reps=1)
+    assert set(timings) == {"kernel_ms", "dense_ms"} and set(timings["dense_ms"]) == {4, 16}
+    assert threshold in (None, 4, 16) and reason
+
+
+def test_dense_path_refused_and_reported() -> None:
+    """A layout the unpacker does not know (N not a multiple of 64 on CPU) keeps the kernel, with the reason."""
+    model = nn.Sequential(nn.Linear(64, 48))
+    quantized = {"0": quantize_weight(model[0].weight.data, QuantSpec(wbits=4, group=32))}
+    report = swap_in_kernels(model, quantized, "cpu", dense_prefill=True)
+    layer = report.layers["0"]
+    assert layer.kernel == kernels.INT4_CPU and layer.dense_from is None and "multiple of 64" in layer.dense_reason
+    assert report.path_counts(4000) == {kernels.INT4_CPU: 1}
+
+
+def test_path_counts_follow_threshold() -> None:
+    lk = kernels.LayerKernel(kernels.INT4_CPU, 4, 64, dense_from=128)
+    report = kernels.KernelReport("cpu", {"a": lk, "b": kernels.LayerKernel(kernels.DEQUANT, 5, 16, "why")})
+    assert report.path_counts(1) == {kernels.INT4_CPU: 1, kernels.DEQUANT: 1}
+    assert report.path_counts(127) == {kernels.INT4_CPU: 1, kernels.DEQUANT: 1}
+    assert report.path_counts(128) == {kernels.DENSE: 1, kernels.DEQUANT: 1}
+
+
+def test_kv_capacity_in_blocks() -> None:
+    from quantcli.bench.latency import kv_capacity_in_blocks
+
+    cap = kv_capacity_in_blocks(100_000)
+    assert cap["blocks"] == 6250 and cap["max_batch"] == 6250 // 188  # 3000 tokens → 188 blocks of 16
+
+
+def test_phase_attention_keeps_logits_and_casts_prefill(base: nn.Module) -> None:
+    """Prefill attention in bf16 on an fp32 stream changes logits only at bf16 precision; decode is untouched."""
+    from quantcli.bench import paths
+
+    model = copy.deepcopy(base)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(ids).logits
+    assert paths.install_phase_attention(model) == ""
+    seen = []
+    orig = torch.nn.functional.scaled_dot_product_attention
+    try:
+        torch.nn.functional.scaled_dot_product_attention = lambda q, *a, **k: (seen.append(q.dtype), orig(q, *a, **k))[1]
+        paths.set_prefill_attention_dtype(model, torch.bfloat16)
+        with torch.inference_mode():
+            got = model(ids).logits
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+    assert seen and set(seen) == {torch.bfloat16}
+    assert got.dtype == torch.float32 and 0 < rel_err(got, ref) < BF16_TOL
+
+
+def test_bench_cli_reports_paths_and_writes_plot(tiny_model_dir, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from typer.testing import CliRunner
+
+    from quantcli.cli.app import app
+
+    runner = CliRunner()
+    rtn = runner.invoke(app, ["rtn", str(tiny_model_dir), "--w4", "--group", "32", "-o", str(tmp_path / "rtn"), "-q"])
+    assert rtn.exit_code == 0, rtn.output
+    png = tmp_path / "plots" / "latency.png"
+    res = runner.invoke(app, ["bench", str(tmp_path / "rtn"), "--prompt-lens", "8,16", "--gen", "2", "--reps", "1",
+                              "--warmup", "0", "--baseline", "fp32", "--plot", str(png), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for length in ("8", "16"):
+        chosen = out["paths"]["per_prompt_len"][length]
+        assert chosen["prefill"]["attention"] in ("bfloat16", "float32")
+        assert sum(chosen["decode"]["linears"].values()) == len(out["kernels"]["layers"])
+    assert {"blocks", "max_batch"} <= set(out["kv_cache"])
+
+
+def test_plot_without_matplotlib_is_one_line_error(monkeypatch, tmp_path) -> None:
+    import builtins
+
+    from quantcli.bench.plot import pyplot
+    from quantcli.errors import InputError
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    with pytest.raises(InputError, match="quantcli\\[plot\\]"):
+        pyplot(tmp_path / "x.png")

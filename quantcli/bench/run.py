@@ -27,6 +27,7 @@ from quantcli.bench.latency import (
     peak_memory_bytes,
     weight_bytes,
 )
+from quantcli.bench.moe import expert_call_stats, group_experts
 from quantcli.bench.paths import fastest_paths
 from quantcli.errors import InputError
 from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
@@ -216,6 +217,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
                 f"activation fake-quant (abits {loaded.spec.abits}) has no real kernel here: measured weight-only"
             )
         gc.collect()
+    moe = group_experts(model)
     model.to(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -245,6 +247,8 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         "notes": notes,
     }
     result["paths"] = paths.to_dict() if paths is not None else None  # filled in while timing
+    if moe is not None:
+        result["moe"] = {**moe, **expert_call_stats(model)}
     if params.baseline:
         base_dtype = DTYPES[params.baseline]
         from quantcli.models.load import load_base

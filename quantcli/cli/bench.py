@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from quantcli.algos.driver import resolve_device
+from quantcli.bench import kernels
+from quantcli.bench.plot import plot_latency, pyplot
 from quantcli.bench.run import BenchParams, parse_bytes, run_bench
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
@@ -24,6 +27,8 @@ EPILOG = """Examples:
   quant rtn --w4 --group 128 -o rtn4/ | quant bench --json > bench.json
 
   quant bench rtn4/ --device cuda --memory-budget 20GiB --baseline bf16
+
+  quant bench rtn4/ --baseline bf16 --plot latency.png
 """
 
 
@@ -57,6 +62,27 @@ def _latency_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
+_SHORT = {kernels.INT4_CPU: "int4", kernels.INT4_CUDA: "int4", kernels.INT8: "int8", kernels.DEQUANT: "fp",
+          kernels.DENSE: "dequant+dense bf16"}
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{n} {_SHORT.get(k, k)}" if n is not None else k for k, n in counts.items())
+
+
+def _paths_table(paths: dict) -> Table:
+    """What ran each phase at each prompt length (the measured fastest path)."""
+    table = Table(title=f"fastest path per phase (tried {', '.join(paths['candidates'])})")
+    for col in ("prompt", "prefill linears", "prefill attention", "decode linears", "decode attention + KV cache"):
+        table.add_column(col, justify="right" if col == "prompt" else "left")
+    for length, chosen in paths["per_prompt_len"].items():
+        if chosen is None:
+            continue
+        pre, dec = chosen["prefill"], chosen["decode"]
+        table.add_row(length, _counts(pre["linears"]), pre["attention"], _counts(dec["linears"]), dec["attention_and_kv_cache"])
+    return table
+
+
 def _print_human(result: dict) -> None:
     kernels = result["kernels"]
     if kernels is not None:
@@ -66,6 +92,8 @@ def _print_human(result: dict) -> None:
             err.print(f"  [yellow]fallback[/] {name}: dequantized fp ({reason})")
     for note in result["notes"]:
         err.print(f"note: {note}")
+    if result.get("paths"):
+        err.print(_paths_table(result["paths"]))
     err.print(_latency_table(f"{result['kind']} on {result['device']} ({result['dtype']} activations)", result["results"]))
     kv, budget = result["kv_cache"], result["memory_budget"]
     err.print(
@@ -103,6 +131,7 @@ def bench_command(
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Also time the unquantized base model: fp32, bf16 or fp16.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch. Default: one per core.", min=1, show_default=False)] = None,
     seed: opt.Seed = 0,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write a PNG of TTFT and decode latency against prompt length (needs the 'plot' extra: matplotlib).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -111,6 +140,8 @@ def bench_command(
     if baseline is not None and baseline not in ("fp32", "bf16", "fp16"):
         raise InputError(f"--baseline {baseline}: use fp32, bf16 or fp16")
     source = opt.input_or_stdin(input)
+    if plot is not None:
+        pyplot(plot)  # fail now, not after the benchmark, when matplotlib is missing
     params = BenchParams(
         prompt_lens=_lens(prompt_lens), gen=gen, batch=batch, reps=reps, warmup=warmup,
         device=str(resolve_device(device)), dtype=dtype,
@@ -129,5 +160,9 @@ def bench_command(
     result["input"] = source or "default"
     if not quiet:
         _print_human(result)
+    if plot is not None:
+        plot_latency(result, plot)
+        if not quiet:
+            err.print(f"plot: {plot}")
     if as_json:
         emit(json.dumps(result))
