@@ -167,17 +167,18 @@ class PhasePaths:
     report: KernelReport | None
     batch: int
     plans: dict[int, dict]
+    default: torch.dtype  # the 16-bit (or --dtype) serving dtype: restored after timing, used for capacity
     attention_note: str = ""  # why prefill attention cannot differ from the stream dtype ("" if it can)
     candidates: tuple[str, ...] = ()
     applied: dict[int, dict] = field(default_factory=dict)
 
-    @property
-    def kv_dtype(self) -> torch.dtype:
-        """The KV-cache dtype at the longest prompt (what the capacity estimate is computed in)."""
-        return self.plans[max(self.plans)]["kv_cache"]
-
-    def configure(self, length: int) -> dict:
-        """Cast the stream / KV cache and set the prefill attention dtype for ``length``; the choices."""
+    def configure(self, length: int | None) -> dict | None:
+        """Cast the stream / KV cache and set the prefill attention dtype for ``length``; the choices.
+        ``None`` restores the default dtype (after timing, before weights and capacity are sized)."""
+        if length is None:
+            set_compute_dtype(self.model, self.default, keep=KERNEL_MODULES)
+            set_prefill_attention_dtype(self.model, None)
+            return None
         plan = self.plans[length]
         set_compute_dtype(self.model, plan["kv_cache"], keep=KERNEL_MODULES)
         prefill_attention = plan["prefill_attention"] if not self.attention_note else plan["kv_cache"]
@@ -203,7 +204,9 @@ class PhasePaths:
         return {
             "candidates": list(self.candidates),
             "attention_note": self.attention_note,
-            "kv_cache_dtype_for_capacity": _name(self.kv_dtype),
+            "kv_cache_dtype_for_capacity": _name(self.default),
+            "capacity_note": "capacity is sized with the KV cache in the default dtype; where decode chose a wider "
+                             "KV dtype for speed, that prompt length holds proportionally fewer tokens",
             "per_prompt_len": {str(length): self.applied.get(length) for length in self.plans},
         }
 
@@ -226,7 +229,7 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
         progress(f"timing attention in {', '.join(map(_name, candidates))} per prompt length")
     plans = plan_attention(model.config, list(params.prompt_lens), params.gen, params.batch, candidates, device)
     note = install_phase_attention(model)
-    return PhasePaths(model, report, params.batch, plans, note, tuple(map(_name, candidates)))
+    return PhasePaths(model, report, params.batch, plans, dtype, note, tuple(map(_name, candidates)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,6 +155,8 @@ def bench_model(
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
         configure=configure,
     )
+    if configure is not None:
+        configure(None)  # back to the serving dtype before sizing weights and KV cache
     weights = weight_bytes(model)
     capacity = kv_cache_capacity(model.config, budget - weights, dtype)
     return {
@@ -221,10 +223,10 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
     model.to(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    configure, paths, kv_dtype = None, None, dtype
+    configure, paths = None, None
     if params.fast_paths:
         paths = fastest_paths(model, report, params, dtype, progress)
-        configure, kv_dtype = paths.configure, paths.kv_dtype
+        configure = paths.configure
     if params.memory_budget is not None:
         budget, budget_source = params.memory_budget, "--memory-budget"
     else:  # what this model could use on its own: its weights plus the device's free memory
@@ -236,7 +238,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         "params": asdict(params),
         "kernels": report.to_dict() if report is not None else None,
         "memory_budget": {"bytes": budget, "source": budget_source},
-        **bench_model(model, params, kv_dtype, budget, progress, "quantized" if report else "model", configure),
+        **bench_model(model, params, dtype, budget, progress, "quantized" if report else "model", configure),
         "env": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
