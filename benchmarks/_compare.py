@@ -140,3 +140,14 @@ def print_table(result: dict, targets: dict | None = None) -> None:
             print(f"paths @{length}: prefill linears {chosen['prefill']['linears']}, attention {chosen['prefill']['attention']}; "
                   f"decode linears {chosen['decode']['linears']}, attention+KV {chosen['decode']['attention_and_kv_cache']}")
     print(f"loadavg before {result['loadavg']['before']}, after {result['loadavg']['after']}; {result['wall_s']} s")
+
+
+def write_plot(result: dict, path: Path) -> None:
+    """The ``quant bench --plot`` figure of ``result`` next to its JSON (skipped without matplotlib)."""
+    from quantcli.bench.plot import plot_latency
+    from quantcli.errors import InputError
+
+    try:
+        plot_latency(result, path)
+    except InputError as err:
+        print(f"no plot: {err}", file=sys.stderr)

@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from _compare import compare, print_table, save_random_model
+from _compare import compare, print_table, save_random_model, write_plot
 from _quant import ROOT, quant, rel
 
 from quantcli.bench.run import BenchParams
@@ -101,6 +101,7 @@ def main() -> None:
     result["command"] = "python benchmarks/mixtral_latency.py " + " ".join(sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    write_plot(result, Path(args.out).with_suffix(".png"))
     print_table(result)
     for name, row in result["kv_capacity_terms"]["rows"].items():
         print(f"KV {name}: {row['blocks']:,} blocks of 16 tokens ({row['dtype']}) → max batch {row['max_batch']} at 3000 tokens")

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from _compare import compare, print_table, save_random_model
+from _compare import compare, print_table, save_random_model, write_plot
 from _quant import ROOT, quant, rel
 
 from quantcli.bench.run import BenchParams
@@ -87,6 +87,7 @@ def main() -> None:
     result["command"] = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    write_plot(result, Path(args.out).with_suffix(".png"))
     print_table(result)
     for length, row in result["targets"].items():
         missed = [f"{k} {v['ratio']:.2f} < {v['target']}" for k, v in row.items() if not v["met"]]

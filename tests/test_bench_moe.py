@@ -48,16 +48,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("path", ["kernel", "dense"])
-def test_moe_kernel_path_matches_fake_quant(mixtral: nn.Module, path: str) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("device, path", [("cpu", "kernel"), ("cpu", "dense"), pytest.param("cuda", "kernel", marks=CUDA)])
+def test_moe_kernel_path_matches_fake_quant(mixtral: nn.Module, device: str, path: str) -> None:
     """Experts on the int4 kernel (decode path) or unpacked per call + dense (prefill path) give the
     fake-quant MoE model's logits within bf16 precision, with tokens grouped by expert."""
     fake = copy.deepcopy(mixtral)
     quantized = fake_quantize(fake, QuantSpec(wbits=4, group=32))
     assert sum(".experts." in n for n in quantized) == 2 * 4 * 3  # 2 layers × 4 experts × 3 linears
     real = copy.deepcopy(mixtral)
-    report = swap_in_kernels(real, quantized, "cpu")
-    assert report.counts() == {kernels.INT4_CPU: len(quantized)}, report.to_dict()["fallbacks"]
+    report = swap_in_kernels(real, quantized, device)
+    expected = kernels.INT4_CPU if device == "cpu" else kernels.INT4_CUDA
+    assert report.counts() == {expected: len(quantized)}, report.to_dict()["fallbacks"]
+    real.to(device)
     dense = 0
     for module in real.modules():
         if isinstance(module, kernels.Int4WeightOnlyLinear) and path == "dense" and not module.dense_unsupported():
@@ -73,7 +78,7 @@ def test_moe_kernel_path_matches_fake_quant(mixtral: nn.Module, path: str) -> No
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = fake(ids).logits
-        got = real(ids).logits
+        got = real(ids.to(device)).logits.cpu()
     assert rel_err(got, ref) < BF16_TOL
     # grouped by expert: one call per expert linear per forward, never one per token
     assert calls and max(calls.values()) == 1
