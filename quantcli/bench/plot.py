@@ -1,8 +1,8 @@
 """``quant bench --plot FILE.png``: latency against prompt length, quantized vs baselines.
 
 Two panels side by side, time to first token and per-token decode latency, one line per model
-(the quantized model and every baseline in the result), log-scaled time so that short and long
-prompts are both readable, each point labelled with its value. matplotlib is the optional extra
+(the quantized model and every baseline in the result), log-scaled prompt length (and time, when it
+spans more than a decade), each point labelled with its value. matplotlib is the optional extra
 ``plot``; it is imported only here, only when a plot is asked for.
 """
 
@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantcli.errors import InputError
+
+
+COLORS = {"fp32": "C1", "float32": "C1", "bf16": "C2", "bfloat16": "C2", "fp16": "C3", "float16": "C3"}
 
 
 def series(result: dict) -> list[tuple[str, list[dict]]]:
@@ -62,19 +65,24 @@ def plot_latency(result: dict, path: str | Path) -> Path:
                 continue
             xs, ys = zip(*pts)
             style = "-o" if i == 0 else "--s"
-            ax.plot(xs, ys, style, label=label, linewidth=2.2 if i == 0 else 1.4)
+            color = "C0" if i == 0 else COLORS.get(label.split()[0], f"C{i + 3}")
+            ax.plot(xs, ys, style, label=label, color=color, linewidth=2.2 if i == 0 else 1.4)
             for x, y in pts:
                 ax.annotate(f"{y:.0f}" if y >= 10 else f"{y:.1f}", (x, y), textcoords="offset points",
                             xytext=(0, 6), ha="center", fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_xscale("log")
-        ax.set_yscale("log")
         lens = sorted({r["prompt_len"] for r in result["results"]})
         ax.set_xticks(lens, [str(n) for n in lens])
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        values = [r[key] for _, rows in series(result) for r in rows if key in r]
+        if values and max(values) > 10 * min(values):  # log time only when it spans a decade
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     device = result.get("device", "")
