@@ -85,7 +85,8 @@ def compare(
     prompt (``profile_phases``). Returns the quantized result with ``baselines``, ``ratios`` per
     baseline, ``loadavg`` before/after and ``wall_s``.
     """
-    from quantcli.models.load import load_base, load_input
+    from quantcli.loading import load_input
+    from quantcli.models.load import load_base
 
     budgets = budgets or {}
     started, load_before = time.time(), os.getloadavg()

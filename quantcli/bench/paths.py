@@ -211,6 +211,12 @@ class PhasePaths:
         }
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def attention_candidates(dtype_name: str, dtype: torch.dtype, device: torch.device, native_bf16: bool) -> tuple[torch.dtype, ...]:
     """Dtypes to try for attention / KV cache: bf16 and fp32 under ``--dtype auto`` where bf16 is
     native (CUDA or AVX512-BF16/AMX), else only ``dtype``."""
@@ -221,8 +227,6 @@ def attention_candidates(dtype_name: str, dtype: torch.dtype, device: torch.devi
 
 def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: torch.dtype, progress=None) -> PhasePaths:
     """Measure and return the per-phase plan for ``params.prompt_lens`` (see the module docstring)."""
-    from quantcli.bench.run import native_bf16_cpu
-
     device = torch.device(params.device)
     candidates = attention_candidates(params.dtype, dtype, device, native_bf16_cpu())
     if progress:

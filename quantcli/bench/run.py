@@ -28,7 +28,7 @@ from quantcli.bench.latency import (
     weight_bytes,
 )
 from quantcli.bench.moe import expert_call_stats, group_experts
-from quantcli.bench.paths import fastest_paths
+from quantcli.bench.paths import fastest_paths, native_bf16_cpu
 from quantcli.errors import InputError
 from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
 
@@ -76,12 +76,6 @@ def parse_bytes(text: str) -> int:
         return int(float(m.group(1)) * _UNITS[unit])
     except ValueError:
         raise InputError(f"--memory-budget {text!r}: not a size; write e.g. 8GiB, 500MB or a number of bytes") from None
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
