@@ -9,21 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from test_bench_kernels import BF16_TOL, one_thread, rel_err  # noqa: F401 (one_thread: autouse fixture)
+
 from quantcli.bench import kernels
 from quantcli.bench.kernels import swap_in_kernels
 from quantcli.bench.moe import GroupedExperts, expert_call_stats, group_experts
 from quantcli.models.canonical import LinearExperts, canonicalize
 from quantcli.quant import QuantSpec, quantize_weight
-
-BF16_TOL = 3e-2  # relative logits error allowed between bf16 kernels and the fp32 fake-quant model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +34,6 @@ def fake_quantize(model: nn.Module, spec: QuantSpec) -> dict:
             module.weight.data = qw.dequantize()
             out[name] = qw
     return out
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -28,13 +28,12 @@ activations) and the output is cast back to the input dtype. After swapping, mov
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from quantcli.bench.latency import synchronize
+from quantcli.bench.latency import fastest_ms, synchronize
 from quantcli.quant.affine import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernels accept
@@ -453,17 +452,6 @@ def build_kernel(
     return module, LayerKernel(DEQUANT, bits, qw.group, "; ".join(reasons))
 
 
-def _min_ms(fn, reps: int) -> float:
-    """Fastest of ``reps`` timed calls after one untimed call, in ms (the minimum resists other load)."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
 def choose_dense_threshold(
     module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TOKENS, reps: int = 3
 ) -> tuple[int | None, str, dict]:
@@ -495,7 +483,7 @@ def choose_dense_threshold(
                 xm = x[:m]
                 for key, dense_from in (("kernel_ms", None), ("dense_ms", 0)):
                     module.dense_from = dense_from
-                    timings[key][m] = _min_ms(lambda: (module(xm), synchronize(device)), reps)
+                    timings[key][m] = fastest_ms(lambda: (module(xm), synchronize(device)), reps)
     finally:
         module.dense_from = saved
     wins = [timings["dense_ms"][m] < timings["kernel_ms"][m] for m in probe_tokens]

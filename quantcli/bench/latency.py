@@ -30,6 +30,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fastest_ms(fn: Callable[[], object], reps: int) -> float:
+    """Fastest of ``reps`` timed calls of ``fn`` after one untimed call, in ms (the minimum resists
+    other load on a shared machine; ``fn`` synchronizes the device itself)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (packed kernel buffers included).
 

@@ -11,9 +11,8 @@ the dense path), and experts that received none are not called at all.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
 import torch
+from torch import Tensor, nn
 
 from quantcli.models.canonical import LinearExperts
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
 from quantcli.bench.kernels import DEQUANT_LABEL, KERNEL_MODULES, KernelReport
-from quantcli.bench.latency import _attention_geometry, _forward_kwargs, synchronize
+from quantcli.bench.latency import _attention_geometry, _forward_kwargs, fastest_ms, synchronize
 
 PHASE_ATTENTION = "quantcli_phase_sdpa"  # transformers attention implementation registered below
 PREFILL_DTYPE_ATTR = "quantcli_prefill_dtype"  # set on attention modules: dtype of prefill attention
@@ -121,13 +122,7 @@ def time_attention(
             synchronize(device)
 
     with torch.inference_mode():
-        step()
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            best = min(best, time.perf_counter() - t0)
-    return best * 1e3 * layers
+        return fastest_ms(step, reps) * layers
 
 
 def plan_attention(
