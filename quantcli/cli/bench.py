@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from quantcli.algos.driver import resolve_device
-from quantcli.bench import kernels
+from quantcli.bench.kernels import DENSE, DEQUANT, INT4_CPU, INT4_CUDA, INT8
 from quantcli.bench.plot import plot_latency, pyplot
 from quantcli.bench.run import BenchParams, parse_bytes, run_bench
 from quantcli.cli import _options as opt
@@ -62,8 +62,7 @@ def _latency_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
-_SHORT = {kernels.INT4_CPU: "int4", kernels.INT4_CUDA: "int4", kernels.INT8: "int8", kernels.DEQUANT: "fp",
-          kernels.DENSE: "dequant+dense bf16"}
+_SHORT = {INT4_CPU: "int4", INT4_CUDA: "int4", INT8: "int8", DEQUANT: "fp", DENSE: "dequant+dense bf16"}
 
 
 def _counts(counts: dict) -> str:
