@@ -53,6 +53,8 @@ def quant(args: list[str], cwd: Path) -> tuple[int, float, str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    parser.add_argument("--devices", default="cpu,cuda", help="comma-separated; run cpu here and cuda there to save GPU time")
+    parser.add_argument("--stages", default=None, help="comma-separated subset of the stages")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -66,9 +68,11 @@ def main() -> None:
         "omniquant": ["omniquant", "model", "--w4", "--group", "64", "--epochs", "1", *calib],
         "omniquant-w4a8": ["omniquant", "model", "--w4", "--group", "-1", "--abits", "8", "--epochs", "1", *calib],
     }
+    if args.stages:
+        stages = {k: v for k, v in stages.items() if k in args.stages.split(",")}
     rows = []
     for name, stage_args in stages.items():
-        for device in ("cpu", "cuda"):
+        for device in args.devices.split(","):
             out = f"{name}-{device}"
             rc, seconds, stdout, stderr = quant([*stage_args, "--device", device, "-o", out, "--quiet", "--force"], work)
             row = {"stage": name, "device": device, "rc": rc, "seconds": round(seconds, 2)}
@@ -86,12 +90,15 @@ def main() -> None:
                 row["stderr"] = stderr
             rows.append(row)
             print(json.dumps(row), flush=True)
-    rc, seconds, stdout, stderr = quant(["bench", "rtn-cuda", "--device", "cuda", "--prompt-lens", "32,128", "--baseline", "bf16", "--json", "--quiet"], work)
-    bench = {"rc": rc, "seconds": round(seconds, 2)}
-    try:
-        bench["result"] = json.loads(stdout.splitlines()[-1])
-    except (ValueError, IndexError):
-        bench["stderr"] = stderr
+    if "cuda" not in args.devices:
+        bench = {"skipped": "no cuda in --devices"}
+    else:
+        rc, seconds, stdout, stderr = quant(["bench", "rtn-cuda", "--device", "cuda", "--prompt-lens", "32,128", "--baseline", "bf16", "--json", "--quiet"], work)
+        bench = {"rc": rc, "seconds": round(seconds, 2)}
+        try:
+            bench["result"] = json.loads(stdout.splitlines()[-1])
+        except (ValueError, IndexError):
+            bench["stderr"] = stderr
     print(json.dumps(bench)[:2000], flush=True)
 
     agree = {}
