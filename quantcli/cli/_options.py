@@ -250,3 +250,21 @@ def input_or_stdin(value: str | None) -> str | None:
     if not Path(lines[-1]).exists():
         raise InputError(f"stdin: {lines[-1][:120]!r} is not a path; pipe in a command that prints an artifact path")
     return lines[-1]
+
+
+W8A8 = Annotated[bool, typer.Option("--w8a8", help="8-bit weights and 8-bit activations.")]
+W4A8 = Annotated[bool, typer.Option("--w4a8", help="4-bit weights and 8-bit activations.")]
+W4A4 = Annotated[bool, typer.Option("--w4a4", help="4-bit weights and 4-bit activations.")]
+ActSym = Annotated[bool, typer.Option("--act-sym/--act-asym", help="Symmetric or asymmetric (zero point) activations.")]
+ActStatic = Annotated[
+    bool, typer.Option("--act-static/--act-dynamic", help="One calibrated scale per linear input (stored in the artifact) or per-token dynamic scales.")
+]
+KVBits = Annotated[int, typer.Option("--kv-bits", help="KV-cache bits: 16 (off), 8 or 4 (per head, per token; keys after RoPE).")]
+
+
+def wa_shorthand(w8a8: bool, w4a8: bool, w4a4: bool) -> tuple[int, int] | None:
+    """(weight bits, activation bits) of the one ``--wXaY`` flag given, None without one."""
+    chosen = [bits for bits, on in (((8, 8), w8a8), ((4, 8), w4a8), ((4, 4), w4a4)) if on]
+    if len(chosen) > 1:
+        raise SpecError("conflicting flags: give one of --w8a8/--w4a8/--w4a4")
+    return chosen[0] if chosen else None
