@@ -22,7 +22,7 @@ from quantcli.artifact import BaseModelRef, Manifest, open_artifact, write_artif
 from quantcli.cli.app import app
 from quantcli.models.arch import ArchSpec, ScalingGroup
 from quantcli.models.canonical import canonicalize
-from quantcli.models.load import load_input, materialize
+from quantcli.loading import load_input, materialize
 from quantcli.quant import QuantSpec
 
 W8A8 = QuantSpec(8, -1, abits=8)

@@ -40,7 +40,7 @@ from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import channel_map, fold_scales, out_channels, to_prev
 from quantcli.artifact import Artifact
 from quantcli.models.arch import ArchSpec, ScalingGroup, quantizable_linears, resolve_groups
-from quantcli.models.load import install_activation_quant
+from quantcli.models.act_hooks import calibrate_static_inputs, install_spec_hooks
 from quantcli.quant import QuantSpec, quantize_weight
 from quantcli.stage import layer_upstream
 
@@ -141,13 +141,16 @@ def smooth_layer(
 @torch.no_grad()
 def quantized_block_loss(layer: nn.Module, arch: ArchSpec, spec: QuantSpec, x: Tensor, targets: Tensor, kwargs: dict, device, batch: int) -> float:
     """``‖B_Q(x) − targets‖² / numel``: ``layer`` with its linears RTN-quantized under ``spec`` and
-    their inputs fake-quantized (``spec.abits``), on ``x: [N, L, H]``. ``layer`` is left unchanged."""
+    their inputs (and the KV cache) fake-quantized as ``spec`` says, on ``x: [N, L, H]``. ``layer`` is left unchanged."""
     block = copy.deepcopy(layer)
     names = [n for stage in quantizable_linears(block, arch) for n in stage]
     for name in names:
         weight = block.get_submodule(name).weight
         weight.data.copy_(quantize_weight(weight.data, spec).dequantize().to(weight))
-    hooks = install_activation_quant(block, names, spec.abits)
+    static = None
+    if spec.act_static and not spec.weight_only:
+        static = calibrate_static_inputs(block, names, spec, lambda: layer_forward(block, x, kwargs, device, batch))
+    hooks = install_spec_hooks(block, names, spec, static)
     try:
         out = layer_forward(block, x, kwargs, device, batch)
     finally:
