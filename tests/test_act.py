@@ -121,3 +121,52 @@ def test_kv_bits_in_the_driver_changes_the_next_layer_inputs(tiny_model_dir, tmp
         losses[kv] = art.manifest.metrics["mean_layer_loss"]
     assert losses[4] > 2 * losses[16]
     assert install_spec_hooks(model, [], QuantSpec(8, -1)) == []
+
+
+# ---------------------------------------------------------------- W8A8 for real: the int8 GEMM in quant bench
+
+
+def test_int8_gemm_linear_matches_fake_quant_within_int8_precision():
+    from quantcli.bench.w8a8 import Int8DynamicLinear
+    from quantcli.quant import quantize_weight
+
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), torch.randn(3, 20, 64) * 4
+    x[..., 5] *= 30  # an outlier channel
+    for spec in (QuantSpec(8, -1, sym=True, abits=8), QuantSpec(8, -1, abits=8), QuantSpec(4, -1, abits=8)):
+        qw = quantize_weight(w, spec)
+        module = Int8DynamicLinear.from_quantized(qw, None, torch.device("cpu"))
+        y = module(x)
+        assert y.shape == (3, 20, 48)
+        q_x, s_x = quantize_per_token_int8(x.reshape(-1, 64))
+        reference = (q_x.float() * s_x) @ qw.dequantize().T  # the same int8 activations, in float
+        # int8 activations: each token's error is at most half a step per element, through |W|
+        bound = (s_x / 2) * qw.dequantize().abs().sum(dim=1) + 1e-3
+        assert torch.all((y.reshape(-1, 48) - (x.reshape(-1, 64) @ qw.dequantize().T)).abs() <= bound)
+        assert torch.allclose(y.reshape(-1, 48), reference, rtol=1e-4, atol=1e-3)
+
+
+def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_path):
+    """A W8A8 artifact runs through the int8 GEMM with logits matching the fake-quant model; a
+    grouped W4A8 one falls back, and the report says so."""
+    from quantcli.bench.kernels import swap_in_kernels
+    from quantcli.bench.w8a8 import FALLBACK, INT_MM
+
+    ids = torch.randint(0, 60, (4, 32), generator=torch.Generator().manual_seed(0))
+    held = torch.randint(0, 60, (2, 32), generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec(8, -1, sym=True, abits=8, act_sym=True)
+    run_stage("rtn", RTN(), {}, _loaded(tiny_model_dir), spec, tmp_path / "w8a8", ids, None, device="cpu")
+    loaded = load_input(str(tmp_path / "w8a8"))
+    with torch.no_grad():
+        fake = loaded.model(held).logits
+        report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", act_spec=loaded.spec)
+        real = loaded.model(held).logits
+    assert report.counts() == {INT_MM: len(loaded.quantized)} and not report.fallbacks()
+    assert ((real - fake).norm() / fake.norm()).item() < 1e-2
+
+    grouped = QuantSpec(4, 32, abits=8)
+    run_stage("rtn", RTN(), {}, _loaded(tiny_model_dir), grouped, tmp_path / "w4a8", ids, None, device="cpu")
+    loaded = load_input(str(tmp_path / "w4a8"))
+    report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", act_spec=loaded.spec)
+    assert set(report.counts()) == {FALLBACK} and len(report.fallbacks()) == len(loaded.quantized)
+    assert all("group 32" in why for why in report.fallbacks().values())

@@ -322,7 +322,7 @@ class KernelReport:
 
     def fallbacks(self) -> dict[str, str]:
         """Layers that run dequantized, with the reason each kernel refused them."""
-        return {name: lk.reason for name, lk in self.layers.items() if lk.kernel == DEQUANT}
+        return {name: lk.reason for name, lk in self.layers.items() if lk.kernel.startswith(DEQUANT)}
 
     def to_dict(self) -> dict:
         return {
@@ -385,6 +385,7 @@ def swap_in_kernels(
     quantized: dict[str, QuantizedWeight],
     device: str | torch.device,
     verify: bool = True,
+    act_spec=None,
 ) -> KernelReport:
     """Replace each quantized ``nn.Linear`` of ``model`` (by module name) with a kernel module.
 
@@ -392,6 +393,8 @@ def swap_in_kernels(
     dequantized ``nn.Linear`` in the layer's own dtype; with ``verify`` each choice is checked
     against the dequantized weight on random inputs and falls back on failure. The model is
     changed in place; move its other parts with ``model.to(device)`` (never ``.to(dtype)``).
+    With a weight-activation ``act_spec`` (a QuantSpec) the linears go through the int8 GEMM of
+    :mod:`quantcli.bench.w8a8` instead, or its listed fallback.
     """
     device = _device(device)
     report = KernelReport(device=str(device))
@@ -399,7 +402,13 @@ def swap_in_kernels(
         linear = model.get_submodule(name)
         weight = getattr(linear, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        module, choice = build_kernel(qw, getattr(linear, "bias", None), device, dtype, verify)
+        if act_spec is not None and not act_spec.weight_only:
+            from quantcli.bench.w8a8 import build_w8a8
+
+            bias = getattr(linear, "bias", None)
+            module, choice = build_w8a8(qw, bias, device, act_spec, dequantized_linear(qw, bias, device, dtype))
+        else:
+            module, choice = build_kernel(qw, getattr(linear, "bias", None), device, dtype, verify)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         report.layers[name] = choice
