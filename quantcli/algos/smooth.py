@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from quantcli.algos.awq import replay_awq_layer
 from quantcli.algos.driver import LayerContext, LayerResult, layer_forward
+from quantcli.algos.omniquant import input_absmax  # max_t |x_tj| of named linears' inputs over ctx
 from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import channel_map, fold_scales, out_channels, to_prev
 from quantcli.artifact import Artifact
@@ -81,33 +82,6 @@ def weight_absmax(weights: list[Tensor]) -> Tensor:
 # ------------------------------------------------------------------------------ on a layer
 
 
-@torch.no_grad()
-def activation_absmax(ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:
-    """``max_t |x_tj|`` ``[C]`` of the input of each named submodule over the layer's calibration inputs.
-
-    A submodule that saw no token (an expert no token was routed to) is absent from the result.
-    """
-    stats: dict[str, Tensor] = {}
-
-    def hook(name):
-        def fn(_m, args):
-            x = args[0]
-            if x.numel() == 0:
-                return
-            amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            stats[name] = amax if name not in stats else torch.maximum(stats[name], amax)
-
-        return fn
-
-    handles = [ctx.module.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        ctx.forward()
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
 def group_scales(layer: nn.Module, group: ScalingGroup, x_absmax: Tensor, alpha: float, min_scale: float) -> Tensor:
     """The scale ``[C_prev]`` of one group from its consumers' input statistic ``x_absmax: [C_in]``."""
     index = channel_map(layer, group)
@@ -123,7 +97,7 @@ def smooth_layer(
 ) -> dict[str, Tensor]:
     """Fold SmoothQuant scales with strength ``alpha`` into every group of ``layer`` that has statistics.
 
-    ``stats``: input statistic of each group's first consumer (:func:`activation_absmax`). Each
+    ``stats``: ``max|x|`` ``[C_in]`` of each group's first consumer's input (``omniquant.input_absmax``). Each
     group's scales are computed from the weights just before its own fold; a fold never changes
     another group's consumers, so the order of the groups does not matter. Returns name → ``s``.
     """
@@ -169,7 +143,7 @@ class Smooth:
     def run_layer(self, ctx: LayerContext) -> LayerResult:
         layer, params = ctx.module, self.params
         groups = resolve_groups(layer, ctx.arch)
-        stats = activation_absmax(ctx, sorted({g.linears[0] for g in groups}))
+        stats = input_absmax(ctx, sorted({g.linears[0] for g in groups}))
         unseen = [g.name for g in groups if g.linears[0] not in stats]
         losses: dict[float, float] = {}
         alphas = params.alphas()

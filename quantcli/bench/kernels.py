@@ -100,6 +100,22 @@ def _device(device: str | torch.device) -> torch.device:
     return device
 
 
+def centred_int8(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-channel ``qw`` as ``(int8 [N, K], scale float32 [N], row_offset float32 [N] or None)``.
+
+    ``w = (q − zero)·scale`` is stored as ``int8 = q − zero`` when that fits in ``[−128, 127]``
+    (exact for ≤ 8 bits), else as ``q − 128`` with ``row_offset = (128 − zero)·scale`` to be added
+    times ``Σ_k x_k``.
+    """
+    scale, zero = qw.scale.float()[:, 0], qw.zero.float()[:, 0]
+    signed = qw.codes.to(torch.int32) - zero.round().to(torch.int32)[:, None]
+    row_offset = None
+    if signed.min() < -128 or signed.max() > 127:
+        signed = qw.codes.to(torch.int32) - 128
+        row_offset = (128.0 - zero) * scale
+    return signed.to(torch.int8), scale, row_offset
+
+
 def int4_unsupported(qw: QuantizedWeight, device: str | torch.device) -> str:
     """Why the int4 kernel cannot take ``qw`` on ``device`` ("" when it can)."""
     device = _device(device)
@@ -252,15 +268,10 @@ class Int8WeightOnlyLinear(nn.Module):
         why = int8_unsupported(qw, device)
         if why:
             raise ValueError(f"int8 kernel cannot take this weight: {why}")
-        scale = qw.scale.float()[:, 0]  # [N]
-        zero = qw.zero.float()[:, 0]
-        signed = qw.codes.to(torch.int32) - zero.round().to(torch.int32)[:, None]
-        row_offset = None
-        if signed.min() < -128 or signed.max() > 127:
-            signed = qw.codes.to(torch.int32) - 128
-            row_offset = ((128.0 - zero) * scale).to(device)
+        signed, scale, row_offset = centred_int8(qw)
+        row_offset = None if row_offset is None else row_offset.to(device)
         return cls(
-            signed.to(torch.int8).contiguous().to(device),
+            signed.contiguous().to(device),
             scale.to(device=device, dtype=KERNEL_DTYPE),
             bias=None if bias is None else bias.detach().to(device),
             row_offset=row_offset,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quantcli.bench.kernels import LayerKernel, code_bits
+from quantcli.bench.kernels import LayerKernel, centred_int8, code_bits
 from quantcli.quant.act import fake_quant_per_token, quantize_per_token_int8
 from quantcli.quant.affine import QuantizedWeight
 from quantcli.quant.spec import QuantSpec
@@ -71,17 +71,12 @@ class Int8DynamicLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, device: torch.device) -> "Int8DynamicLinear":
-        scale, zero = qw.scale.float()[:, 0], qw.zero.float()[:, 0]
-        signed = qw.codes.to(torch.int32) - zero.round().to(torch.int32)[:, None]
-        row_offset = None
-        if signed.min() < -128 or signed.max() > 127:
-            signed = qw.codes.to(torch.int32) - 128
-            row_offset = ((128.0 - zero) * scale).to(device)
+        signed, scale, row_offset = centred_int8(qw)
         return cls(
-            signed.to(torch.int8).t().contiguous().to(device),
+            signed.t().contiguous().to(device),
             scale.to(device),
             bias=None if bias is None else bias.detach().float().to(device),
-            row_offset=row_offset,
+            row_offset=None if row_offset is None else row_offset.to(device),
         )
 
     def forward(self, x: Tensor) -> Tensor:
