@@ -47,12 +47,23 @@ def main() -> None:
                              "--max-windows", str(args.windows), "--json", "-q")
         return json.loads(out)["ppl"]
 
-    rows = []
+    rows: list[dict] = []
+    result = {
+        "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
+        "calibration": {"text": rel(args.calib_text), "nsamples": args.nsamples, "seqlen": args.seqlen},
+        "evaluation": {"text": rel(args.eval_text), "seqlen": args.seqlen, "windows": args.windows},
+        "activations": "per-token dynamic, asymmetric; weights RTN",
+        "rows": rows,
+    }
+
+    def save() -> None:  # after every row, so an interrupted run keeps what it measured
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for method in args.methods.split(","):
         for label in (["-"] if method == "fp" else args.specs.split(",")):
             if method == "fp":
                 rows.append({"method": "fp", "spec": "-", "ppl": ppl(model), "seconds": 0.0})
                 print(f"{'fp':>16} {'-':>10} ppl {rows[-1]['ppl']:.3f}", file=sys.stderr)
+                save()
                 break
             flags = parse_spec(label)
             source, seconds, alphas = model, 0.0, None
@@ -73,15 +84,8 @@ def main() -> None:
                 row["alphas"] = alphas
             rows.append(row)
             print(f"{method:>16} {label:>10} ppl {row['ppl']:.3f} ({row['seconds']:.0f} s)", file=sys.stderr)
+            save()
 
-    result = {
-        "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
-        "calibration": {"text": rel(args.calib_text), "nsamples": args.nsamples, "seqlen": args.seqlen},
-        "evaluation": {"text": rel(args.eval_text), "seqlen": args.seqlen, "windows": args.windows},
-        "activations": "per-token dynamic, asymmetric; weights RTN",
-        "rows": rows,
-    }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
 
 

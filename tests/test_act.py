@@ -170,3 +170,32 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
     report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", act_spec=loaded.spec)
     assert set(report.counts()) == {FALLBACK} and len(report.fallbacks()) == len(loaded.quantized)
     assert all("group 32" in why for why in report.fallbacks().values())
+
+
+def test_cli_w8a8_static_then_eval_and_bench(tiny_model_dir, tmp_path):
+    """The shared flags reach the spec; an act-static W8A8 artifact evaluates and benches through the int8 GEMM."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from quantcli.bench.w8a8 import INT_MM
+    from quantcli.cli.app import app
+
+    runner = CliRunner()
+    quant = lambda *a: runner.invoke(app, [str(x) for x in a])  # noqa: E731
+    text = tiny_model_dir.parent / "text.txt"
+    calib = quant("calibrate", tiny_model_dir, "--dataset", text, "--nsamples", 2, "--seqlen", 32, "-o", tmp_path / "calib", "-q")
+    assert calib.exit_code == 0, calib.output
+    made = quant("rtn", tiny_model_dir, "--w8a8", "--group", -1, "--act-static", "--kv-bits", 8, "--calib", tmp_path / "calib", "-o", tmp_path / "q", "-q")
+    assert made.exit_code == 0, made.output
+    spec = open_artifact(tmp_path / "q").manifest.spec
+    assert (spec["wbits"], spec["abits"], spec["act_static"], spec["kv_bits"]) == (8, 8, True, 8)
+    ppl = quant("eval-ppl", tmp_path / "q", "--dataset", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q")
+    assert ppl.exit_code == 0 and json.loads(ppl.stdout)["ppl"] > 1, ppl.output
+    bench = quant("bench", tmp_path / "q", "--prompt-lens", 20, "--gen", 2, "--reps", 1, "--warmup", 0, "--dtype", "fp32", "--json", "-q")
+    assert bench.exit_code == 0, bench.output
+    record = json.loads(bench.stdout)
+    assert record["kernels"]["counts"] == {INT_MM: 14} and not record["kernels"]["fallbacks"]
+    assert any("static activation scales" in n for n in record["notes"])
+    conflict = quant("rtn", tiny_model_dir, "--w8a8", "--w4", "-o", tmp_path / "x")
+    assert conflict.exit_code != 0 and "--w8a8 sets the weight bits" in conflict.stderr

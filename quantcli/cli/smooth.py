@@ -9,9 +9,11 @@ import typer
 
 from quantcli.algos.smooth import Smooth, SmoothParams
 from quantcli.cli import _options as opt
-from quantcli.cli._stage import load_for_stage, run_algorithm
+from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
+from quantcli.cli._stage import plan_stage, run_algorithm
 from quantcli.errors import InputError
-from quantcli.stage import CalibParams
+from quantcli.quant import QuantSpec
+from quantcli.stage import StageParams
 
 EPILOG = """Examples:
 
@@ -21,6 +23,10 @@ EPILOG = """Examples:
 
   quant smooth model/ --w4a4 -o smooth/ | quant gptq --w4 --group 64 --abits 4 -o gptq/
 """
+
+# The spec --alpha auto scores when no flag and no parent artifact says otherwise: SmoothQuant's W8A8
+# (per-channel weights, per-token activations). The stage itself quantizes nothing.
+SMOOTH_SPEC = QuantSpec(wbits=8, group=-1, abits=8)
 
 Alpha = Annotated[str, typer.Option("--alpha", help="Migration strength in [0, 1], or auto (searched per layer on the quantized block's output error).")]
 Grid = Annotated[int, typer.Option("--grid", help="--alpha auto tries 1/grid … (grid-1)/grid.", min=2)]
@@ -38,40 +44,18 @@ def parse_alpha(text: str) -> float | str:
     return alpha
 
 
+@option_groups
 def smooth_command(
     input: opt.InputArg = None,
-    output: opt.Output = ...,
     alpha: Alpha = "0.5",
-    grid: Grid = 10,
-    w8a8: opt.W8A8 = False,
-    w4a8: opt.W4A8 = False,
-    w4a4: opt.W4A4 = False,
-    wbits: opt.WBits = None,
-    group: opt.Group = -1,
-    sym: opt.Sym = False,
-    abits: opt.ABits = 8,
-    act_sym: opt.ActSym = False,
-    calib: opt.Calib = None,
-    dataset: opt.Dataset = "builtin",
-    nsamples: opt.NSamples = 128,
-    seqlen: opt.SeqLen = 512,
-    seed: opt.Seed = 0,
-    device: opt.Device = "auto",
-    batch_size: opt.Batch = 8,
-    force: opt.Force = False,
-    quiet: opt.Quiet = False,
+    grid: Grid = SmoothParams.grid,
+    weights: WeightArgs = WeightArgs(),
+    calibration: CalibArgs = CalibArgs(),
+    run: RunArgs = RunArgs(),
 ) -> None:
-    """Fold s = max|X|^α / max|W|^(1-α) into every scaling group; quantizes nothing (the spec flags only steer --alpha auto)."""
+    """Fold s = max|X|^α / max|W|^(1-α) into every scaling group; quantizes nothing (the spec flags only steer --alpha auto; default W8A8 per channel)."""
     params = SmoothParams(alpha=parse_alpha(alpha), grid=grid)
-    spec = opt.weight_spec(False, False, False, False, wbits if wbits is not None else 8, group, sym, abits)
-    shorthand = opt.wa_shorthand(w8a8, w4a8, w4a4)
-    if shorthand is not None and wbits is not None:
-        raise InputError(f"--wbits {wbits} conflicts with --w{shorthand[0]}a{shorthand[1]}: give one of them")
-    if shorthand is not None:
-        spec = replace(spec, wbits=shorthand[0], abits=shorthand[1])
-    spec = replace(spec, act_sym=act_sym)
-    loaded = load_for_stage(opt.input_or_stdin(input), output, force, quiet)
-    run_algorithm(
-        "SmoothQuant", "smooth", Smooth(params), asdict(params), loaded, spec, output, calib,
-        CalibParams(dataset, nsamples, seqlen, seed), device, batch_size, force, quiet,
-    )
+    plan = plan_stage("smooth", input, weights, run)
+    if plan.parent is None or plan.parent.manifest.spec is None:
+        plan = replace(plan, spec=weights.spec(SMOOTH_SPEC))
+    run_algorithm("SmoothQuant", plan, lambda _loaded: StageParams("smooth", Smooth(params), plan.spec, asdict(params)), calibration, run)
