@@ -43,7 +43,6 @@ from quantcli.artifact import Artifact
 from quantcli.models.arch import ArchSpec, ScalingGroup, quantizable_linears, resolve_groups
 from quantcli.models.act_hooks import calibrate_static_inputs, install_spec_hooks
 from quantcli.quant import QuantSpec, quantize_weight
-from quantcli.stage import layer_upstream
 
 SMOOTH_FILE = "smooth.safetensors"
 
@@ -189,6 +188,8 @@ def smoothing_upstream(
     folded = input_artifact is not None and any(
         a.path.resolve() == init_from.path.resolve() for a in input_artifact.lineage()
     )
+    from quantcli.stage import layer_upstream  # stage sits above the algorithms (and the replay registry)
+
     per_layer = layer_upstream(init_from, SMOOTH_FILE, layers_path)
 
     def for_layer(index: int) -> dict[str, Tensor]:
