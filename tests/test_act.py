@@ -150,7 +150,7 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
     """A W8A8 artifact runs through the int8 GEMM with logits matching the fake-quant model; a
     grouped W4A8 one falls back, and the report says so."""
     from quantcli.bench.kernels import swap_in_kernels
-    from quantcli.bench.w8a8 import FALLBACK, INT_MM
+    from quantcli.bench.w8a8 import FALLBACK, INT_MM, w8a8_builder
 
     ids = torch.randint(0, 60, (4, 32), generator=torch.Generator().manual_seed(0))
     held = torch.randint(0, 60, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -159,7 +159,7 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
     loaded = load_input(str(tmp_path / "w8a8"))
     with torch.no_grad():
         fake = loaded.model(held).logits
-        report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", act_spec=loaded.spec)
+        report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", builder=w8a8_builder(loaded.spec))
         real = loaded.model(held).logits
     assert report.counts() == {INT_MM: len(loaded.quantized)} and not report.fallbacks()
     assert ((real - fake).norm() / fake.norm()).item() < 1e-2
@@ -167,7 +167,7 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
     grouped = QuantSpec(4, 32, abits=8)
     run_stage("rtn", RTN(), {}, _loaded(tiny_model_dir), grouped, tmp_path / "w4a8", ids, None, device="cpu")
     loaded = load_input(str(tmp_path / "w4a8"))
-    report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", act_spec=loaded.spec)
+    report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", builder=w8a8_builder(loaded.spec))
     assert set(report.counts()) == {FALLBACK} and len(report.fallbacks()) == len(loaded.quantized)
     assert all("group 32" in why for why in report.fallbacks().values())
 

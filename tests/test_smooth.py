@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_models
 from quantcli.algos.driver import LayerContext, layer_forward, run_blockwise
-from quantcli.algos.replay import replay
+from quantcli.algos.replay import StageReplay
 from quantcli.algos.smooth import (
     SMOOTH_FILE,
     Smooth,
@@ -22,7 +22,7 @@ from quantcli.artifact import BaseModelRef, Manifest, open_artifact, write_artif
 from quantcli.cli.app import app
 from quantcli.models.arch import ArchSpec, ScalingGroup
 from quantcli.models.canonical import canonicalize
-from quantcli.loading import load_input, materialize
+from quantcli.loading import load_input, materialize, replay_lineage
 from quantcli.quant import QuantSpec
 
 W8A8 = QuantSpec(8, -1, abits=8)
@@ -63,7 +63,7 @@ def test_smoothing_preserves_the_function_on_every_table_entry(arch, tmp_path):
             tmp_path / "smooth", Manifest(kind="smooth", base_model=BaseModelRef("x", "h", arch)), {SMOOTH_FILE: result.saved}
         )
         fresh = canonicalize(factory())
-        replay(fresh, artifact)
+        replay_lineage(fresh, [StageReplay.of(artifact)], {})  # the registered "smooth" replay, layer by layer
         assert not torch.allclose(fresh.model.layers[0].input_layernorm.weight, canonicalize(factory()).model.layers[0].input_layernorm.weight)
         assert torch.allclose(fresh(held).logits, before, atol=1e-4, rtol=1e-4)
 

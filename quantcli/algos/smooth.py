@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from quantcli.algos.awq import replay_awq_layer
 from quantcli.algos.driver import LayerContext, LayerResult, layer_forward
 from quantcli.algos.omniquant import input_absmax  # max_t |x_tj| of named linears' inputs over ctx
-from quantcli.algos.replay import register_replay
+from quantcli.algos.replay import layer_tensors, register_replay
 from quantcli.algos.scaling import channel_map, fold_scales, out_channels, to_prev
 from quantcli.artifact import Artifact
 from quantcli.models.arch import ArchSpec, ScalingGroup, quantizable_linears, resolve_groups
@@ -188,12 +188,10 @@ def smoothing_upstream(
     folded = input_artifact is not None and any(
         a.path.resolve() == init_from.path.resolve() for a in input_artifact.lineage()
     )
-    from quantcli.stage import layer_upstream  # stage sits above the algorithms (and the replay registry)
-
-    per_layer = layer_upstream(init_from, SMOOTH_FILE, layers_path)
+    tensors = init_from.tensors(SMOOTH_FILE)
 
     def for_layer(index: int) -> dict[str, Tensor]:
-        out = {k: v for k, v in per_layer(index).items() if k.endswith(".scales")}
+        out = {k: v for k, v in layer_tensors(tensors, f"{layers_path}.{index}.").items() if k.endswith(".scales")}
         return {k: torch.ones_like(v) for k, v in out.items()} if folded else out
 
     note = "identity (s = 1): INPUT already carries the smoothing scales" if folded else f"smoothing scales of {init_from.path}"

@@ -22,6 +22,7 @@ activations) and the output is cast back to the input dtype. After swapping, mov
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -396,7 +397,7 @@ def swap_in_kernels(
     quantized: dict[str, QuantizedWeight],
     device: str | torch.device,
     verify: bool = True,
-    act_spec=None,
+    builder: Callable[..., tuple[nn.Module, "LayerKernel"]] | None = None,
 ) -> KernelReport:
     """Replace each quantized ``nn.Linear`` of ``model`` (by module name) with a kernel module.
 
@@ -404,8 +405,8 @@ def swap_in_kernels(
     dequantized ``nn.Linear`` in the layer's own dtype; with ``verify`` each choice is checked
     against the dequantized weight on random inputs and falls back on failure. The model is
     changed in place; move its other parts with ``model.to(device)`` (never ``.to(dtype)``).
-    With a weight-activation ``act_spec`` (a QuantSpec) the linears go through the int8 GEMM of
-    :mod:`quantcli.bench.w8a8` instead, or its listed fallback.
+    ``builder(qw, bias, device, dtype)`` replaces :func:`build_kernel` for every layer (the
+    weight-activation kernels of :mod:`quantcli.bench.w8a8` plug in here).
     """
     device = _device(device)
     report = KernelReport(device=str(device))
@@ -413,13 +414,11 @@ def swap_in_kernels(
         linear = model.get_submodule(name)
         weight = getattr(linear, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        if act_spec is not None and not act_spec.weight_only:
-            from quantcli.bench.w8a8 import build_w8a8
-
-            bias = getattr(linear, "bias", None)
-            module, choice = build_w8a8(qw, bias, device, act_spec, dequantized_linear(qw, bias, device, dtype))
+        bias = getattr(linear, "bias", None)
+        if builder is not None:
+            module, choice = builder(qw, bias, device, dtype)
         else:
-            module, choice = build_kernel(qw, getattr(linear, "bias", None), device, dtype, verify)
+            module, choice = build_kernel(qw, bias, device, dtype, verify)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         report.layers[name] = choice

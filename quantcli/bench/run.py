@@ -16,6 +16,7 @@ from torch import nn
 
 from quantcli.artifact import sha256_file
 from quantcli.bench.kernels import swap_in_kernels
+from quantcli.bench.w8a8 import w8a8_builder
 from quantcli.bench.latency import (
     Progress,
     current_rss_bytes,
@@ -199,7 +200,8 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
     if loaded.quantized:
         if progress:
             progress(f"swapping in kernels for {len(loaded.quantized)} quantized linears")
-        report = swap_in_kernels(model, loaded.quantized, device, act_spec=loaded.spec)
+        builder = w8a8_builder(loaded.spec) if loaded.spec is not None and not loaded.spec.weight_only else None
+        report = swap_in_kernels(model, loaded.quantized, device, builder=builder)
         if loaded.spec is not None and loaded.spec.act_static:
             notes.append("static activation scales are not used here: the timed path quantizes activations per token")
         if loaded.spec is not None and loaded.spec.kv_bits < 16:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quantcli.bench.kernels import LayerKernel, centred_int8, code_bits
+from quantcli.bench.kernels import LayerKernel, centred_int8, code_bits, dequantized_linear
 from quantcli.quant.act import fake_quant_per_token, quantize_per_token_int8
 from quantcli.quant.affine import QuantizedWeight
 from quantcli.quant.spec import QuantSpec
@@ -110,12 +110,19 @@ class FakeActLinear(nn.Module):
 
 
 def build_w8a8(
-    qw: QuantizedWeight, bias: Tensor | None, device: torch.device, spec: QuantSpec, fallback: nn.Module
+    qw: QuantizedWeight, bias: Tensor | None, device: torch.device, dtype: torch.dtype, spec: QuantSpec
 ) -> tuple[nn.Module, LayerKernel]:
-    """The int8-GEMM module for one weight-activation quantized linear, or ``fallback`` (a dequantized
-    linear) wrapped with activation fake quant, with the reason in the :class:`LayerKernel`."""
+    """The int8-GEMM module for one weight-activation quantized linear, or the fallback (a dequantized
+    linear in ``dtype`` behind activation fake quant) with the reason in the :class:`LayerKernel`."""
+    device = torch.device(device)
     why = "" if spec.abits == 8 else f"{spec.abits}-bit activations: the int8 GEMM takes 8-bit activations only"
     why = why or w8a8_unsupported(qw, device)
     if not why:
         return Int8DynamicLinear.from_quantized(qw, bias, device), LayerKernel(INT_MM, code_bits(qw), qw.group)
-    return FakeActLinear(fallback, spec.abits, spec.act_sym), LayerKernel(FALLBACK, code_bits(qw), qw.group, f"int8 GEMM: {why}")
+    fallback = FakeActLinear(dequantized_linear(qw, bias, device, dtype), spec.abits, spec.act_sym)
+    return fallback, LayerKernel(FALLBACK, code_bits(qw), qw.group, f"int8 GEMM: {why}")
+
+
+def w8a8_builder(spec: QuantSpec):
+    """``builder(qw, bias, device, dtype)`` for :func:`quantcli.bench.kernels.swap_in_kernels`."""
+    return lambda qw, bias, device, dtype: build_w8a8(qw, bias, device, dtype, spec)
