@@ -34,13 +34,15 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work" / "smooth"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smooth_table.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and measure only the missing ones")
     args = ap.parse_args()
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = [args.model] if args.model else []
-    calib, calib_s = timed_quant("calibrate", *model, "--dataset", args.calib_text, "--nsamples", str(args.nsamples),
-                                 "--seqlen", str(args.seqlen), "-o", str(work / "calib"), "--force", "-q")
+    if not (args.resume and (work / "calib" / "manifest.json").is_file()):
+        timed_quant("calibrate", *model, "--dataset", args.calib_text, "--nsamples", str(args.nsamples),
+                    "--seqlen", str(args.seqlen), "-o", str(work / "calib"), "--force", "-q")
 
     def ppl(target: list[str]) -> float:
         out, _ = timed_quant("eval-ppl", *target, "--dataset", args.eval_text, "--seqlen", str(args.seqlen),
@@ -48,6 +50,10 @@ def main() -> None:
         return json.loads(out)["ppl"]
 
     rows: list[dict] = []
+    out_path = Path(args.out)
+    if args.resume and out_path.is_file():  # keep the rows an earlier run of the same protocol measured
+        rows = json.loads(out_path.read_text())["rows"]
+    done = {(r["method"], r["spec"]) for r in rows}
     result = {
         "model": args.model or "default:SmolLM2-135M-Instruct.Q4_1.gguf",
         "calibration": {"text": rel(args.calib_text), "nsamples": args.nsamples, "seqlen": args.seqlen},
@@ -60,6 +66,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for method in args.methods.split(","):
         for label in (["-"] if method == "fp" else args.specs.split(",")):
+            if (method, label) in done:
+                continue
             if method == "fp":
                 rows.append({"method": "fp", "spec": "-", "ppl": ppl(model), "seconds": 0.0})
                 print(f"{'fp':>16} {'-':>10} ppl {rows[-1]['ppl']:.3f}", file=sys.stderr)
