@@ -13,7 +13,7 @@ from quantcli.loading import load_input, materialize
 from quantcli.models.weights import QUANTIZED_FILE, read_quantized
 from quantcli.quant import QuantSpec
 from quantcli.quant.act import act_qparams, fake_quant_per_token, quantize_per_token_int8
-from quantcli.stage import run_stage
+from quantcli.stage import Calibration, RunParams, StageParams, run_stage
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -51,14 +51,18 @@ def _loaded(model_dir):
     return load_input(str(model_dir), quantized=False)
 
 
+def rtn(model_dir, spec: QuantSpec, out, ids, batch: int = 8):
+    """RTN of the tiny model under ``spec`` on calibration ``ids`` (so activation/KV quant is in the stream)."""
+    return run_stage(StageParams("rtn", RTN(), spec), _loaded(model_dir), out, Calibration(ids, {}), RunParams("cpu", batch))
+
+
 def test_static_activation_scales_round_trip_through_the_artifact(tiny_model_dir, tmp_path):
     """W8A8 static: scales calibrated by the driver are stored per linear and materialize uses them
     (same logits as the in-memory quantized model; other logits than with dynamic scales)."""
     spec = QuantSpec(8, -1, abits=8, act_static=True)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     held = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
-    loaded = _loaded(tiny_model_dir)
-    artifact = run_stage("rtn", RTN(), {}, loaded, spec, tmp_path / "rtn", ids, None, device="cpu", batch=2)
+    artifact = rtn(tiny_model_dir, spec, tmp_path / "rtn", ids, batch=2)
     tensors = artifact.tensors(QUANTIZED_FILE)
     names = sorted(read_quantized(artifact))
     assert names and all(f"{n}.{INPUT_SCALE}" in tensors for n in names)
@@ -117,7 +121,7 @@ def test_kv_bits_in_the_driver_changes_the_next_layer_inputs(tiny_model_dir, tmp
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
     losses = {}
     for kv in (16, 4):
-        art = run_stage("rtn", RTN(), {}, _loaded(tiny_model_dir), QuantSpec(8, -1, abits=8, kv_bits=kv), tmp_path / f"r{kv}", ids, None, device="cpu")
+        art = rtn(tiny_model_dir, QuantSpec(8, -1, abits=8, kv_bits=kv), tmp_path / f"r{kv}", ids)
         losses[kv] = art.manifest.metrics["mean_layer_loss"]
     assert losses[4] > 2 * losses[16]
     assert install_spec_hooks(model, [], QuantSpec(8, -1)) == []
@@ -155,7 +159,7 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
     ids = torch.randint(0, 60, (4, 32), generator=torch.Generator().manual_seed(0))
     held = torch.randint(0, 60, (2, 32), generator=torch.Generator().manual_seed(1))
     spec = QuantSpec(8, -1, sym=True, abits=8, act_sym=True)
-    run_stage("rtn", RTN(), {}, _loaded(tiny_model_dir), spec, tmp_path / "w8a8", ids, None, device="cpu")
+    rtn(tiny_model_dir, spec, tmp_path / "w8a8", ids)
     loaded = load_input(str(tmp_path / "w8a8"))
     with torch.no_grad():
         fake = loaded.model(held).logits
@@ -165,7 +169,7 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
     assert ((real - fake).norm() / fake.norm()).item() < 1e-2
 
     grouped = QuantSpec(4, 32, abits=8)
-    run_stage("rtn", RTN(), {}, _loaded(tiny_model_dir), grouped, tmp_path / "w4a8", ids, None, device="cpu")
+    rtn(tiny_model_dir, grouped, tmp_path / "w4a8", ids)
     loaded = load_input(str(tmp_path / "w4a8"))
     report = swap_in_kernels(loaded.model, loaded.quantized, "cpu", builder=w8a8_builder(loaded.spec))
     assert set(report.counts()) == {FALLBACK} and len(report.fallbacks()) == len(loaded.quantized)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from quantcli.algos.awq import replay_awq_layer
 from quantcli.algos.driver import LayerContext, LayerResult, layer_forward
-from quantcli.algos.omniquant import input_absmax  # max_t |x_tj| of named linears' inputs over ctx
+from quantcli.algos.omniquant.train import input_absmax  # max_t |x_tj| of named linears' inputs over ctx
 from quantcli.algos.replay import layer_tensors, register_replay
 from quantcli.algos.scaling import channel_map, fold_scales, out_channels, to_prev
 from quantcli.artifact import Artifact
@@ -96,7 +96,7 @@ def smooth_layer(
 ) -> dict[str, Tensor]:
     """Fold SmoothQuant scales with strength ``alpha`` into every group of ``layer`` that has statistics.
 
-    ``stats``: ``max|x|`` ``[C_in]`` of each group's first consumer's input (``omniquant.input_absmax``). Each
+    ``stats``: ``max|x|`` ``[C_in]`` of each group's first consumer's input (``omniquant.train.input_absmax``). Each
     group's scales are computed from the weights just before its own fold; a fold never changes
     another group's consumers, so the order of the groups does not matter. Returns name → ``s``.
     """
