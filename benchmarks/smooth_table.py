@@ -78,9 +78,12 @@ def main() -> None:
             if method.startswith("smooth"):
                 alpha = method.split("+")[0][len("smooth"):]
                 out = work / f"smooth{alpha}-{label}"
-                _, s = timed_quant("smooth", *source, "--alpha", alpha, *flags, "--calib", str(work / "calib"),
-                                   "-o", str(out), "--force", "-q")
-                seconds += s
+                manifest_file = out / "manifest.json"
+                if args.resume and manifest_file.is_file():  # made by an interrupted run: reuse, time from its manifest
+                    seconds += json.loads(manifest_file.read_text())["metrics"]["seconds"]
+                else:
+                    seconds += timed_quant("smooth", *source, "--alpha", alpha, *flags, "--calib", str(work / "calib"),
+                                           "-o", str(out), "--force", "-q")[1]
                 source = [str(out)]
                 manifest = json.loads((out / "manifest.json").read_text())
                 alphas = [layer["alpha"] for layer in manifest["metrics"]["layers"]]
