@@ -194,7 +194,7 @@ def run_stage(
             "layers": result.layers,
         },
     )
-    payloads = {QUANTIZED_FILE: quantized_payload(result.quantized)}
+    payloads = {QUANTIZED_FILE: {**quantized_payload(result.quantized), **result.act_qparams}}
     if result.saved:
         payloads[f"{stage.kind}.safetensors"] = result.saved
     if result.overrides:

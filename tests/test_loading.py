@@ -84,7 +84,10 @@ def test_replay_is_exact(model_dirs, arch, chain, tmp_path):
     assert rel(quantized.model(IDS).logits, base_logits) > 1e-3  # 3-bit codes really are in
 
 
-def test_unregistered_kind_is_one_line(model_dirs, tmp_path):
+def test_unregistered_kind_is_one_line(model_dirs, tmp_path, monkeypatch):
+    from quantcli.algos import replay as registry
+
+    monkeypatch.delitem(registry._REPLAYS, "smooth")  # a declared kind whose algorithm registered nothing
     artifact, _ = run("rtn", model_dirs("LlamaForCausalLM"), tmp_path / "rtn")
     odd = write_artifact(tmp_path / "smooth", Manifest(kind="smooth", base_model=artifact.manifest.base_model), {})
     with pytest.raises(ArtifactError, match="no algorithm registers a replay for artifact kind 'smooth'"):

@@ -4,4 +4,4 @@ Every algorithm module is imported here so that each registers its layer replay
 (:mod:`quantcli.algos.replay`) before any artifact is loaded; a new algorithm is added to this list.
 """
 
-from quantcli.algos import awq, gptq, omniquant, rtn  # noqa: F401  (each registers its replay)
+from quantcli.algos import awq, gptq, omniquant, rtn, smooth  # noqa: F401  (each registers its replay)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from quantcli.calib.capture import capture_layer_inputs
 from quantcli.models.arch import ArchSpec, arch_spec, decoder_layers, quantizable_linears
-from quantcli.models.weights import install_activation_quant
+from quantcli.models.act_hooks import calibrate_static_inputs, install_spec_hooks
 from quantcli.quant import QuantizedWeight, QuantSpec
 
 
@@ -91,6 +91,7 @@ class DriverResult:
     overrides: dict[str, Tensor]
     layers: list[dict]  # per-layer metrics, in order
     seconds: float
+    act_qparams: dict[str, Tensor] = field(default_factory=dict)  # static activation scales (act_static)
 
 
 def _to(value, device):
@@ -160,6 +161,10 @@ def run_blockwise(
     model.config.use_cache = False
 
     data_free = calib_ids is None
+    if data_free and spec.act_static:
+        from quantcli.errors import SpecError
+
+        raise SpecError("--act-static calibrates activation scales: pass --calib (or calibration flags)")
     if data_free:  # weight-only algorithms without calibration data (RTN)
         inputs, fp_inputs, layer_kwargs = None, None, [{} for _ in layers]
     else:
@@ -185,8 +190,13 @@ def run_blockwise(
         for rel, qw in layer_result.quantized.items():
             layer.get_submodule(rel).weight.data.copy_(qw.dequantize().to(device))
         loss = None
-        if not data_free:  # the next layer sees this one as evaluation will: activations quantized too
-            hooks = install_activation_quant(layer, list(layer_result.quantized), spec.abits)
+        full = f"{prefix}.{index}."
+        if not data_free:  # the next layer sees this one as evaluation will: activations (and KV) quantized too
+            names, static = list(layer_result.quantized), None
+            if spec.act_static and names and not spec.weight_only:
+                static = calibrate_static_inputs(layer, names, spec, lambda: layer_forward(layer, inputs, kwargs, device, batch))
+                result.act_qparams.update({full + k: v for k, v in static.items()})
+            hooks = install_spec_hooks(layer, names, spec, static)
             outputs = layer_forward(layer, inputs, kwargs, device, batch)
             for hook in hooks:
                 hook.remove()
@@ -194,7 +204,6 @@ def run_blockwise(
             inputs, fp_inputs = outputs, (targets if fp_inputs is not None else None)
         layer.to("cpu")
 
-        full = f"{prefix}.{index}."
         result.quantized.update({full + k: v for k, v in layer_result.quantized.items()})
         result.saved.update({full + k: v.cpu() for k, v in layer_result.saved.items()})
         result.overrides.update({full + k: v.cpu() for k, v in layer_result.overrides.items()})

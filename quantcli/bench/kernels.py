@@ -29,6 +29,7 @@ activations) and the output is cast back to the input dtype. After swapping, mov
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +110,22 @@ def _device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def centred_int8(qw: QuantizedWeight) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-channel ``qw`` as ``(int8 [N, K], scale float32 [N], row_offset float32 [N] or None)``.
+
+    ``w = (q − zero)·scale`` is stored as ``int8 = q − zero`` when that fits in ``[−128, 127]``
+    (exact for ≤ 8 bits), else as ``q − 128`` with ``row_offset = (128 − zero)·scale`` to be added
+    times ``Σ_k x_k``.
+    """
+    scale, zero = qw.scale.float()[:, 0], qw.zero.float()[:, 0]
+    signed = qw.codes.to(torch.int32) - zero.round().to(torch.int32)[:, None]
+    row_offset = None
+    if signed.min() < -128 or signed.max() > 127:
+        signed = qw.codes.to(torch.int32) - 128
+        row_offset = (128.0 - zero) * scale
+    return signed.to(torch.int8), scale, row_offset
 
 
 def int4_unsupported(qw: QuantizedWeight, device: str | torch.device) -> str:
@@ -291,15 +308,10 @@ class Int8WeightOnlyLinear(nn.Module):
         why = int8_unsupported(qw, device)
         if why:
             raise ValueError(f"int8 kernel cannot take this weight: {why}")
-        scale = qw.scale.float()[:, 0]  # [N]
-        zero = qw.zero.float()[:, 0]
-        signed = qw.codes.to(torch.int32) - zero.round().to(torch.int32)[:, None]
-        row_offset = None
-        if signed.min() < -128 or signed.max() > 127:
-            signed = qw.codes.to(torch.int32) - 128
-            row_offset = ((128.0 - zero) * scale).to(device)
+        signed, scale, row_offset = centred_int8(qw)
+        row_offset = None if row_offset is None else row_offset.to(device)
         return cls(
-            signed.to(torch.int8).contiguous().to(device),
+            signed.contiguous().to(device),
             scale.to(device=device, dtype=KERNEL_DTYPE),
             bias=None if bias is None else bias.detach().to(device),
             row_offset=row_offset,
@@ -393,7 +405,7 @@ class KernelReport:
 
     def fallbacks(self) -> dict[str, str]:
         """Layers that run dequantized, with the reason each kernel refused them."""
-        return {name: lk.reason for name, lk in self.layers.items() if lk.kernel == DEQUANT}
+        return {name: lk.reason for name, lk in self.layers.items() if lk.kernel.startswith(DEQUANT)}
 
     def to_dict(self) -> dict:
         return {
@@ -508,6 +520,7 @@ def swap_in_kernels(
     device: str | torch.device,
     verify: bool = True,
     dense_prefill: bool = False,
+    builder: Callable[..., tuple[nn.Module, "LayerKernel"]] | None = None,
 ) -> KernelReport:
     """Replace each quantized ``nn.Linear`` of ``model`` (by module name) with a kernel module.
 
@@ -517,6 +530,8 @@ def swap_in_kernels(
     ``dense_prefill`` each distinct weight shape is timed once (:func:`choose_dense_threshold`) and
     its layers dequantize + dense-matmul from the measured token count on. The model is
     changed in place; move its other parts with ``model.to(device)`` (never ``.to(dtype)``).
+    ``builder(qw, bias, device, dtype)`` replaces :func:`build_kernel` for every layer (the
+    weight-activation kernels of :mod:`quantcli.bench.w8a8` plug in here).
     """
     device = _device(device)
     report = KernelReport(device=str(device))
@@ -524,8 +539,12 @@ def swap_in_kernels(
         linear = model.get_submodule(name)
         weight = getattr(linear, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        module, choice = build_kernel(qw, getattr(linear, "bias", None), device, dtype, verify)
-        if choice.kernel != DEQUANT:
+        bias = getattr(linear, "bias", None)
+        if builder is not None:  # weight-activation kernels: no dense-prefill probe
+            module, choice = builder(qw, bias, device, dtype)
+        else:
+            module, choice = build_kernel(qw, bias, device, dtype, verify)
+        if builder is None and choice.kernel != DEQUANT:
             if not dense_prefill:
                 choice.dense_reason = "dense prefill not requested"
             else:

@@ -16,6 +16,7 @@ from torch import nn
 
 from quantcli.artifact import sha256_file
 from quantcli.bench.kernels import swap_in_kernels
+from quantcli.bench.w8a8 import w8a8_builder
 from quantcli.bench.latency import (
     Progress,
     current_rss_bytes,
@@ -207,11 +208,15 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
     if loaded.quantized:
         if progress:
             progress(f"swapping in kernels for {len(loaded.quantized)} quantized linears")
-        report = swap_in_kernels(model, loaded.quantized, device, dense_prefill=params.fast_paths)
-        if loaded.spec is not None and not loaded.spec.weight_only:
-            notes.append(
-                f"activation fake-quant (abits {loaded.spec.abits}) has no real kernel here: measured weight-only"
-            )
+        builder = w8a8_builder(loaded.spec) if loaded.spec is not None and not loaded.spec.weight_only else None
+        report = swap_in_kernels(model, loaded.quantized, device, dense_prefill=params.fast_paths, builder=builder)
+        if loaded.spec is not None and loaded.spec.act_static:
+            notes.append("static activation scales are not used here: the timed path quantizes activations per token")
+        if loaded.spec is not None and loaded.spec.kv_bits < 16:
+            from quantcli.models.act_hooks import KVQuantHandle
+
+            KVQuantHandle(list(model.modules())).remove()  # no fake-quant KV in the timed path
+            notes.append(f"KV cache kept in {params.dtype}: --kv-bits {loaded.spec.kv_bits} is fake-quantized in evaluation only")
         gc.collect()
     moe = group_experts(model)
     model.to(device)

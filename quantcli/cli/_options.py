@@ -75,6 +75,25 @@ ABits = Annotated[
     Optional[int],
     typer.Option("--abits", help="Activation bits: 16 (weight-only), 8, 6 or 4 (per-token dynamic).", show_default=f"{QuantSpec.abits}, {_INHERITED}"),
 ]
+W8A8 = Annotated[bool, typer.Option("--w8a8", help="8-bit weights and 8-bit activations.")]
+W4A8 = Annotated[bool, typer.Option("--w4a8", help="4-bit weights and 8-bit activations.")]
+W4A4 = Annotated[bool, typer.Option("--w4a4", help="4-bit weights and 4-bit activations.")]
+ActSym = Annotated[
+    Optional[bool],
+    typer.Option("--act-sym/--act-asym", help="Symmetric or asymmetric (zero point) activations.", show_default=f"{'sym' if QuantSpec.act_sym else 'asym'}, {_INHERITED}"),
+]
+ActStatic = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--act-static/--act-dynamic",
+        help="One calibrated scale per linear input (stored in the artifact) or per-token dynamic scales.",
+        show_default=f"{'static' if QuantSpec.act_static else 'dynamic'}, {_INHERITED}",
+    ),
+]
+KVBits = Annotated[
+    Optional[int],
+    typer.Option("--kv-bits", help="KV-cache bits: 16 (off), 8 or 4 (per head and token; keys after RoPE).", show_default=f"{QuantSpec.kv_bits}, {_INHERITED}"),
+]
 
 Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration artifact from quant calibrate.", show_default=False)]
 Dataset = Annotated[str, typer.Option("--dataset", help="wikitext2, c4, ptb, pileval, builtin, or a .txt/.jsonl/.parquet file or folder.")]
@@ -106,27 +125,50 @@ class WeightArgs:
     group: Group = None
     sym: Sym = None
     abits: ABits = None
+    w8a8: W8A8 = False
+    w4a8: W4A8 = False
+    w4a4: W4A4 = False
+    act_sym: ActSym = None
+    act_static: ActStatic = None
+    kv_bits: KVBits = None
 
     @property
     def given(self) -> bool:
-        return any((self.w2, self.w3, self.w4, self.w8)) or any(v is not None for v in (self.wbits, self.group, self.sym, self.abits))
+        flags = (self.w2, self.w3, self.w4, self.w8, self.w8a8, self.w4a8, self.w4a4)
+        values = (self.wbits, self.group, self.sym, self.abits, self.act_sym, self.act_static, self.kv_bits)
+        return any(flags) or any(v is not None for v in values)
 
     def spec(self, inherited: QuantSpec | None = None) -> QuantSpec:
         """The QuantSpec: each flag given wins, else the inherited spec's field, else QuantSpec's default.
 
-        Conflicting bit flags are an error.
+        Conflicting bit flags are an error; ``--wXaY`` sets both bit widths and conflicts with a
+        weight-bit flag or a different ``--abits``.
         """
         chosen = {bits for bits, on in ((2, self.w2), (3, self.w3), (4, self.w4), (8, self.w8)) if on}
         if self.wbits is not None:
             chosen.add(self.wbits)
         if len(chosen) > 1:
             raise SpecError(f"conflicting weight bit flags ({', '.join(map(str, sorted(chosen)))} bits): give one of --w2/--w3/--w4/--w8/--wbits")
+        wa = [bits for bits, on in (((8, 8), self.w8a8), ((4, 8), self.w4a8), ((4, 4), self.w4a4)) if on]
+        if len(wa) > 1:
+            raise SpecError("conflicting flags: give one of --w8a8/--w4a8/--w4a4")
+        abits = self.abits
+        if wa:
+            (wbits, wa_abits), flag = wa[0], f"--w{wa[0][0]}a{wa[0][1]}"
+            if chosen:
+                raise SpecError(f"{flag} sets the weight bits: drop --w2/--w3/--w4/--w8/--wbits")
+            if abits is not None and abits != wa_abits:
+                raise SpecError(f"{flag} sets --abits {wa_abits}: drop --abits {abits}")
+            chosen, abits = {wbits}, wa_abits
         base = inherited or QuantSpec()
         return QuantSpec(
             wbits=chosen.pop() if chosen else base.wbits,
             group=base.group if self.group is None else self.group,
             sym=base.sym if self.sym is None else self.sym,
-            abits=base.abits if self.abits is None else self.abits,
+            abits=base.abits if abits is None else abits,
+            act_sym=base.act_sym if self.act_sym is None else self.act_sym,
+            act_static=base.act_static if self.act_static is None else self.act_static,
+            kv_bits=base.kv_bits if self.kv_bits is None else self.kv_bits,
         )
 
 

@@ -55,10 +55,12 @@ def _register() -> None:
     from quantcli.cli import omniquant
     from quantcli.cli import gptq
     from quantcli.cli import bench, demo
+    from quantcli.cli import smooth
 
     commands = [
         ("calibrate", calibrate.calibrate_command, calibrate.EPILOG),
         ("rtn", rtn.rtn_command, rtn.EPILOG),
+        ("smooth", smooth.smooth_command, smooth.EPILOG),
         ("awq", awq.awq_command, awq.EPILOG),
         ("gptq", gptq.gptq_command, gptq.EPILOG),
         ("omniquant", omniquant.omniquant_command, omniquant.EPILOG),
