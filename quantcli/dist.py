@@ -85,7 +85,15 @@ def bind(device: torch.device) -> torch.device:
         device = torch.device("cuda", w.local_rank)
         torch.cuda.set_device(device)
     if not _initialised():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            torch.distributed.init_process_group(backend)
+        except Exception as exc:  # noqa: BLE001 - any failure to join is the same user-facing problem
+            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise InputError(
+                f"cannot join the {w.size}-process {backend} group at {address} ({type(exc).__name__}: {exc}); "
+                f"check torchrun's --master-addr/--master-port and that every node can reach rank 0"
+            ) from None
     return device
 
 

@@ -108,7 +108,7 @@ def write_calibration(loaded: Loaded, params: CalibParams, out: Path, force: boo
     check_output_free(out, force)
     calibration = make_calibration(loaded, params)
     manifest = Manifest(kind="calib", base_model=loaded.base, params=calibration.info)
-    return write_artifact(out, manifest, {CALIB_FILE: {"input_ids": calibration.ids}}, force=force)
+    return dist.on_main(lambda: write_artifact(out, manifest, {CALIB_FILE: {"input_ids": calibration.ids}}, force=force), lambda: Artifact(out, manifest))
 
 
 def read_calibration(path: str | Path, loaded: Loaded) -> Calibration:

@@ -37,7 +37,7 @@ def stage_args(model: Path, text: Path, out: Path) -> list[list[str]]:
     return [
         ["gptq", str(model), *calib, "-o", str(out / "gptq")],
         ["awq", str(model), *calib, "-o", str(out / "awq")],
-        ["omniquant", str(model), *calib, "--epochs", "2", "--batch-size", "2", "-o", str(out / "omniquant")],
+        ["omniquant", str(model), *calib, "--epochs", "4", "--batch-size", "2", "-o", str(out / "omniquant")],
         ["eval-ppl", str(out / "gptq"), "--dataset", str(text), "--seqlen", "32", "--max-windows", "5", "--device", "cpu", "--json", "-q"],
     ]
 
@@ -98,12 +98,13 @@ def test_two_ranks_give_the_one_process_artifact(runs, stage):
     # the reduced per-layer loss is the 1-process one (a rank's own shard would give another value)
     for l1, l2 in zip(m1["metrics"]["layers"], m2["metrics"]["layers"]):
         assert l2["loss"] == pytest.approx(l1["loss"], rel=5e-2)
-    if stage == "awq":  # the searched scales: every rank picked the 1-process candidate
+    if stage != "gptq":  # AWQ's searched scales and clips, OmniQuant's trained clips: the 1-process ones
         from safetensors.torch import load_file
 
-        s1, s2 = load_file(one / stage / "awq.safetensors"), load_file(two / stage / "awq.safetensors")
+        s1, s2 = (load_file(d / stage / f"{stage}.safetensors") for d in (one, two))
+        assert s1.keys() == s2.keys() and s1
         for key in s1:
-            torch.testing.assert_close(s2[key], s1[key], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s2[key], s1[key], rtol=1e-4, atol=1e-5)
 
 
 def test_two_ranks_give_the_one_process_perplexity_and_rank_0_alone_prints(runs):
