@@ -6,7 +6,8 @@
 Default mode, on this machine (CPU, Gloo): GPTQ w4g64 of SmolLM2-135M (the default model) on
 ``nsamples × seqlen`` tokens of ``../shared/data/austen/emma.txt``, launched with
 ``python -m torch.distributed.run --nproc-per-node W -m quantcli gptq ...`` for W = 1 and 2
-(``OMP_NUM_THREADS = 2 / W``, so both runs use the 2 cores). Records the wall time, the stage's
+(``OMP_NUM_THREADS=1`` per rank: the CPU is shared by other jobs, and more threads than free
+cores make OpenMP spin). Records the wall time, the stage's
 own seconds, each rank's peak RSS (psutil, polled every 0.2 s), the fraction of integer codes
 that differ between the two artifacts, their perplexities (``eval-ppl`` with W ranks, 4 windows
 × 512 tokens of ``prideprejudice.txt``) and ``os.getloadavg()`` (the CPU is shared).
@@ -57,11 +58,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, args: list[str]) -> dict:
+def launch(world: int, args: list[str], threads: int = 1) -> dict:
     """``torchrun --nproc-per-node world -m quantcli ARGS``: stdout, wall seconds, peak RSS per rank."""
     import psutil
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, 2 // world))}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(_free_port()), "-m", "quantcli", *args]
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -271,9 +272,20 @@ def main() -> None:
             "ppl_pride_4x512": json.loads(ppl["stdout"])["ppl"],
             "eval_wall_s": ppl["wall_s"],
             "eval_peak_rss_mb_per_rank": ppl["peak_rss_mb_per_rank"],
-            "omp_threads_per_rank": max(1, 2 // world),
+            "omp_threads_per_rank": 1,
         }
     flips = code_flips(WORK / f"gptq-w4g{args.group}-ranks1", WORK / f"gptq-w4g{args.group}-ranks2")
+    # control: the same single process with 2 threads (another floating-point summation order, no torch.distributed)
+    control_dir = WORK / f"gptq-w4g{args.group}-ranks1-threads2"
+    control = launch(1, ["gptq", *common, "-o", str(control_dir)], threads=2)
+    control_ppl = launch(1, ["eval-ppl", str(control_dir), "--dataset", str(PRIDE), "--seqlen", "512", "--max-windows", "4", "--device", "cpu", "--json", "-q"])
+    control_record = {
+        "what": "1 process, OMP_NUM_THREADS=2: the floating-point noise floor of GPTQ with act order on this model",
+        "wall_s": control["wall_s"],
+        "code_flips_vs_ranks1": code_flips(WORK / f"gptq-w4g{args.group}-ranks1", control_dir),
+        "ppl_pride_4x512": json.loads(control_ppl["stdout"])["ppl"],
+        "mean_layer_loss": json.loads((control_dir / "manifest.json").read_text())["metrics"]["mean_layer_loss"],
+    }
     record = {
         "command": f"python benchmarks/dist.py --nsamples {args.nsamples} --seqlen {args.seqlen} --group {args.group}",
         "model": "SmolLM2-135M (default model)",
@@ -282,6 +294,7 @@ def main() -> None:
         "loadavg_after": os.getloadavg(),
         "runs": runs,
         "code_flips_1_vs_2": flips,
+        "control_1_process_2_threads": control_record,
         "comm_bytes_per_layer": {name: comm_bytes(shape) for name, shape in SHAPES.items()},
         "projection_128x2048": project(),
         "assumptions": assumptions(),
@@ -291,6 +304,7 @@ def main() -> None:
     print(f"{'ranks':>5} {'wall s':>8} {'stage s':>8} {'s/layer':>8} {'peak RSS MB/rank':>18} {'ppl':>8}")
     for world, r in runs.items():
         print(f"{world:>5} {r['wall_s']:>8} {r['stage_s']:>8} {r['mean_layer_s']:>8} {str(list(r['peak_rss_mb_per_rank'].values())):>18} {r['ppl_pride_4x512']:>8.4f}")
+    print(f"control (1 process, 2 threads): ppl {control_record['ppl_pride_4x512']:.4f}, codes differing from 1 rank 1 thread: {control_record['code_flips_vs_ranks1']['fraction']:.3f}")
     print(f"codes differing 1 vs 2 ranks: {flips['differing']}/{flips['total']}; load average {record['loadavg_before']} → {record['loadavg_after']}")
     print(f"wrote {rel(previous)}")
 
