@@ -12,12 +12,15 @@ own seconds, each rank's peak RSS (psutil, polled every 0.2 s), the fraction of 
 that differ between the two artifacts, their perplexities (``eval-ppl`` with W ranks, 4 windows
 × 512 tokens of ``prideprejudice.txt``) and ``os.getloadavg()`` (the CPU is shared).
 
-``--layer-work DEVICE`` times one GPTQ decoder layer (real code: ``GPTQ.run_layer`` through the
-driver's ``LayerContext``) with LLaMA-2-7B and 70B shapes and random weights: the data part
-(forward passes and Hessian capture, which data parallelism divides by the number of ranks) and
-the quantization part (``gptq_quantize`` on every linear, which every rank repeats in the
-all-reduce scheme). The projection in the JSON uses these times, the communication volume per
-layer and an assumed NCCL all-reduce bus bandwidth.
+Also on paper in the JSON: the bytes all-reduced per decoder layer (GPTQ Hessians, AWQ activation
+statistics and clip Gram matrices) for SmolLM2-135M, LLaMA-2-7B and 70B, and the projected GPTQ
+time of 7B and 70B on 1 and 8 GPUs from a FLOP model of one layer's work (forward passes and
+Hessian updates, which data parallelism divides by the ranks; the GPTQ solve, which every rank
+repeats) with the assumed GPU rates and NCCL bandwidth listed under ``assumptions``.
+
+``--layer-work DEVICE`` (for a GPU machine; not run in this session) times one GPTQ decoder layer
+with 7B and 70B shapes and random weights through the real ``GPTQ.run_layer``, split into the data
+part and the ``gptq_quantize`` part, to replace the assumed rates with measured ones.
 """
 
 from __future__ import annotations
@@ -58,11 +61,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, args: list[str], threads: int = 1) -> dict:
+def launch(world: int, args: list[str]) -> dict:
     """``torchrun --nproc-per-node world -m quantcli ARGS``: stdout, wall seconds, peak RSS per rank."""
     import psutil
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(_free_port()), "-m", "quantcli", *args]
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -275,17 +278,6 @@ def main() -> None:
             "omp_threads_per_rank": 1,
         }
     flips = code_flips(WORK / f"gptq-w4g{args.group}-ranks1", WORK / f"gptq-w4g{args.group}-ranks2")
-    # control: the same single process with 2 threads (another floating-point summation order, no torch.distributed)
-    control_dir = WORK / f"gptq-w4g{args.group}-ranks1-threads2"
-    control = launch(1, ["gptq", *common, "-o", str(control_dir)], threads=2)
-    control_ppl = launch(1, ["eval-ppl", str(control_dir), "--dataset", str(PRIDE), "--seqlen", "512", "--max-windows", "4", "--device", "cpu", "--json", "-q"])
-    control_record = {
-        "what": "1 process, OMP_NUM_THREADS=2: the floating-point noise floor of GPTQ with act order on this model",
-        "wall_s": control["wall_s"],
-        "code_flips_vs_ranks1": code_flips(WORK / f"gptq-w4g{args.group}-ranks1", control_dir),
-        "ppl_pride_4x512": json.loads(control_ppl["stdout"])["ppl"],
-        "mean_layer_loss": json.loads((control_dir / "manifest.json").read_text())["metrics"]["mean_layer_loss"],
-    }
     record = {
         "command": f"python benchmarks/dist.py --nsamples {args.nsamples} --seqlen {args.seqlen} --group {args.group}",
         "model": "SmolLM2-135M (default model)",
@@ -294,17 +286,30 @@ def main() -> None:
         "loadavg_after": os.getloadavg(),
         "runs": runs,
         "code_flips_1_vs_2": flips,
-        "control_1_process_2_threads": control_record,
         "comm_bytes_per_layer": {name: comm_bytes(shape) for name, shape in SHAPES.items()},
         "projection_128x2048": project(),
         "assumptions": assumptions(),
     }
     previous = Path(args.out)
+    previous.write_text(json.dumps(record, indent=2, default=str))  # written before the control, which can be slow
+    # control: the same single process with the Hessians accumulated in mini-batches of 4 instead of 8
+    # (another floating-point summation order, the same mathematics, no torch.distributed)
+    control_dir = WORK / f"gptq-w4g{args.group}-ranks1-batch4"
+    control = launch(1, ["gptq", *common, "--batch-size", "4", "-o", str(control_dir)])
+    control_ppl = launch(1, ["eval-ppl", str(control_dir), "--dataset", str(PRIDE), "--seqlen", "512", "--max-windows", "4", "--device", "cpu", "--json", "-q"])
+    control_record = {
+        "what": "1 process, --batch-size 4 (Hessian sums in another order): the floating-point noise floor of GPTQ with act order on this model",
+        "wall_s": control["wall_s"],
+        "code_flips_vs_ranks1": code_flips(WORK / f"gptq-w4g{args.group}-ranks1", control_dir),
+        "ppl_pride_4x512": json.loads(control_ppl["stdout"])["ppl"],
+        "mean_layer_loss": json.loads((control_dir / "manifest.json").read_text())["metrics"]["mean_layer_loss"],
+    }
+    record["control_1_process_batch4"] = control_record
     previous.write_text(json.dumps(record, indent=2, default=str))
     print(f"{'ranks':>5} {'wall s':>8} {'stage s':>8} {'s/layer':>8} {'peak RSS MB/rank':>18} {'ppl':>8}")
     for world, r in runs.items():
         print(f"{world:>5} {r['wall_s']:>8} {r['stage_s']:>8} {r['mean_layer_s']:>8} {str(list(r['peak_rss_mb_per_rank'].values())):>18} {r['ppl_pride_4x512']:>8.4f}")
-    print(f"control (1 process, 2 threads): ppl {control_record['ppl_pride_4x512']:.4f}, codes differing from 1 rank 1 thread: {control_record['code_flips_vs_ranks1']['fraction']:.3f}")
+    print(f"control (1 process, batch 4): ppl {control_record['ppl_pride_4x512']:.4f}, codes differing from 1 rank batch 8: {control_record['code_flips_vs_ranks1']['fraction']:.3f}")
     print(f"codes differing 1 vs 2 ranks: {flips['differing']}/{flips['total']}; load average {record['loadavg_before']} → {record['loadavg_after']}")
     print(f"wrote {rel(previous)}")
 
