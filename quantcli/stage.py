@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from quantcli import dist
 from quantcli.algos.driver import LayerAlgo, LayerEvent, resolve_device, run_blockwise
 from quantcli.algos.parent import Upstream, no_upstream
 from quantcli.artifact import Artifact, Manifest, check_output_free, is_artifact, open_artifact, write_artifact
@@ -107,7 +108,7 @@ def write_calibration(loaded: Loaded, params: CalibParams, out: Path, force: boo
     check_output_free(out, force)
     calibration = make_calibration(loaded, params)
     manifest = Manifest(kind="calib", base_model=loaded.base, params=calibration.info)
-    return write_artifact(out, manifest, {CALIB_FILE: {"input_ids": calibration.ids}}, force=force)
+    return dist.on_main(lambda: write_artifact(out, manifest, {CALIB_FILE: {"input_ids": calibration.ids}}, force=force), lambda: Artifact(out, manifest))
 
 
 def read_calibration(path: str | Path, loaded: Loaded) -> Calibration:
@@ -190,6 +191,7 @@ def run_stage(
         params={**stage.recorded, "calibration": calibration.info if calibration is not None else None},
         metrics={
             "seconds": round(result.seconds, 2),
+            "world_size": dist.world().size,
             "mean_layer_loss": sum(losses) / len(losses) if losses else None,
             "layers": result.layers,
         },
@@ -199,5 +201,5 @@ def run_stage(
         payloads[f"{stage.kind}.safetensors"] = result.saved
     if result.overrides:
         payloads[OVERRIDES_FILE] = result.overrides
-    return write_artifact(out, manifest, payloads, force=run.force)
+    return dist.on_main(lambda: write_artifact(out, manifest, payloads, force=run.force), lambda: Artifact(out, manifest))
 

@@ -3,7 +3,7 @@
 Layers, bottom to top; a module may import modules of its own subpackage and of lower layers only:
 
     0  quantcli (the root: __version__), errors
-    1  quant (pure math), artifact (manifest and payload I/O)
+    1  quant (pure math), artifact (manifest and payload I/O), dist (torch.distributed ranks and reductions)
     2  models (architecture table, base models, weights), calib
     3  algos (driver, algorithms, replay), pack (formats, packed checkpoints), eval
     4  loading (what the user named → a model)
@@ -21,7 +21,7 @@ import quantcli
 
 LAYERS = {
     "quantcli": 0, "errors": 0,
-    "quant": 1, "artifact": 1,
+    "quant": 1, "artifact": 1, "dist": 1,
     "models": 2, "calib": 2,
     "algos": 3, "pack": 3, "eval": 3,
     "loading": 4,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from quantcli import dist
 from quantcli.algos.driver import LayerContext, LayerResult
 from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import can_fold, channel_map, fold_scales
@@ -120,7 +121,7 @@ def search_scale(
     originals = {n: m.weight.data.clone() for n, m in linears.items()}
     dtype = resolve_search_dtype(params.search_dtype, device)
     target = run_inspect(inspect, x, kwargs, device, batch, dtype)
-    x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(dim=0).to(device)
+    x_mean = dist.all_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(dim=0), x.shape[:-1].numel()).to(device)
     w_mean = weight_magnitude(list(originals.values()), spec).to(device) if params.duo_scaling else None
 
     current = [torch.ones(1)]  # the consumers' input scale under test
@@ -133,7 +134,7 @@ def search_scale(
         for n, m in linears.items():
             m.weight.data = fake_quant(originals[n] * s_in, spec) / s_in
         out = run_inspect(inspect, x, kwargs, device, batch, dtype)
-        return torch.mean((out - target) ** 2).item()
+        return dist.all_mean(torch.mean((out - target) ** 2).item(), out.numel())
 
     hooks = [m.register_forward_pre_hook(quantize_input) for m in linears.values()] if spec.abits < 16 else []
     try:
@@ -156,7 +157,7 @@ def search_scale(
 def input_gram(x: Tensor) -> Tensor:
     """``XᵀX / T`` ``[in, in]`` (float32) of input tokens ``x: [T, in]``."""
     x = x.float()
-    return x.T @ x / max(x.shape[0], 1)
+    return dist.all_mean(x.T @ x / max(x.shape[0], 1), x.shape[0])
 
 
 def output_error(delta: Tensor, gram: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor, nn
 
+from quantcli import dist
 from quantcli.calib.capture import capture_layer_inputs
 from quantcli.models.arch import ArchSpec, arch_spec, decoder_layers, quantizable_linears
 from quantcli.models.act_hooks import calibrate_static_inputs, install_spec_hooks
@@ -124,12 +125,12 @@ def check_spec(model: nn.Module, spec: QuantSpec) -> None:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist.bind(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         from quantcli.errors import InputError
 
         raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-    return torch.device(device)
+    return dist.bind(torch.device(device))
 
 
 def run_blockwise(
@@ -169,7 +170,7 @@ def run_blockwise(
         inputs, fp_inputs, layer_kwargs = None, None, [{} for _ in layers]
     else:
         model.to(device)
-        inputs, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, batch)
+        inputs, layer_kwargs = capture_layer_inputs(model, layers, dist.shard(calib_ids, "calibration blocks"), batch)
         model.to("cpu")
         inputs = inputs.to(act_device)
         fp_inputs = inputs.clone() if algo.needs_fp_stream else None
@@ -200,7 +201,7 @@ def run_blockwise(
             outputs = layer_forward(layer, inputs, kwargs, device, batch)
             for hook in hooks:
                 hook.remove()
-            loss = torch.mean((outputs - targets).float() ** 2).item()
+            loss = dist.all_mean(torch.mean((outputs - targets).float() ** 2).item(), outputs.numel())
             inputs, fp_inputs = outputs, (targets if fp_inputs is not None else None)
         layer.to("cpu")
 

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from quantcli import dist
 from quantcli.algos.driver import LayerContext, LayerResult
 from quantcli.algos.replay import register_no_replay
 from quantcli.errors import SpecError
@@ -278,7 +279,7 @@ class GPTQ:
         fallbacks: list[str] = []  # one note per linear not quantized as configured
         experts = set(expert_linears(ctx.module, ctx.arch))
         for stage in stages:
-            hessians = capture_hessians(ctx, stage)  # earlier stages are already quantized in place
+            hessians = dist.all_mean_counted(capture_hessians(ctx, stage))  # summed over ranks; earlier stages are already quantized in place
             for name in stage:
                 linear = ctx.module.get_submodule(name)
                 W, (H, count) = linear.weight.data, hessians.pop(name)

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from quantcli import __version__
+from quantcli import __version__, dist
 from quantcli.errors import QuantCliError
 
 app = typer.Typer(
@@ -41,7 +41,7 @@ def one_line_errors(func):
         try:
             return func(*args, **kwargs)
         except QuantCliError as exc:
-            sys.stderr.write(f"quant: error: {exc}\n")
+            sys.stderr.write(f"quant: error: {dist.where()}{exc}\n")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             sys.stderr.write("quant: interrupted\n")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from quantcli import dist
 from quantcli.errors import DatasetError
 
 
@@ -46,18 +47,20 @@ def perplexity(
     on_window: Callable[[int, int, float], None] = lambda _i, _n, _nll: None,
 ) -> dict:
     """Perplexity of ``model`` on ``tokens: [T]`` and the protocol that produced it."""
-    wins = windows(tokens, seqlen, max_windows)
+    all_wins = windows(tokens, seqlen, max_windows)
+    wins = dist.shard(all_wins)  # this rank's windows (all of them on one process)
     started = time.time()
     nlls = []
     for i, window in enumerate(wins):
         nlls.append(window_nll(model, window))
         on_window(i, len(wins), nlls[-1])
-    mean_nll = sum(nlls) / len(nlls)
+    total, count = dist.all_sum(sum(nlls), len(nlls))
+    mean_nll = total / count
     return {
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
-        "windows": len(wins),
+        "windows": len(all_wins),
         "seqlen": seqlen,
-        "tokens": int(wins.numel()),
+        "tokens": int(all_wins.numel()),
         "seconds": round(time.time() - started, 2),
     }

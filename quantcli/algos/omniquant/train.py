@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from quantcli import dist
 from quantcli.algos.driver import LayerContext, LayerResult
 from quantcli.algos.omniquant.let import fold_let, let_init, saved_scales, transformed_params
 from quantcli.algos.omniquant.lwc import lwc_fake_quant, lwc_init, lwc_quantize
@@ -87,7 +88,7 @@ def input_absmax(ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return {name: dist.all_max(m) for name, m in stats.items()}
 
 
 def _output(value) -> Tensor:
@@ -107,7 +108,15 @@ def block_loss(
             out = _output(functional_call(layer, params, (x,), kwargs))
             total += torch.sum((out.float() - y.float()) ** 2).item()
             count += y.numel()
+    total, count = dist.all_sum(total, count)
     return total / max(count, 1)
+
+
+def _batch_loss(layer: nn.Module, build, inputs: Tensor, targets: Tensor, idx: Tensor, kwargs: dict, device) -> Tensor:
+    """Mean squared error of the block with parameters ``build()`` on samples ``idx`` (with grad)."""
+    x, y = inputs[idx].to(device), targets[idx].to(device)
+    out = _output(functional_call(layer, build(), (x,), kwargs))
+    return torch.nn.functional.mse_loss(out.float(), y.float())
 
 
 def train_layer(
@@ -142,20 +151,16 @@ def train_layer(
     gen = torch.Generator().manual_seed(seed)
     diverged = False
     for epoch in range(epochs):
-        order = torch.randperm(inputs.shape[0], generator=gen)
+        order = torch.randperm(dist.all_sum(inputs.shape[0])[0], generator=gen)  # one order of all ranks' samples
         losses = []
-        for start in range(0, inputs.shape[0], batch_size):
-            idx = order[start : start + batch_size]
-            x, y = inputs[idx].to(device), targets[idx].to(device)
-            out = _output(functional_call(layer, build(), (x,), kwargs))
-            loss = torch.nn.functional.mse_loss(out.float(), y.float())
-            if not math.isfinite(loss.item()):
+        for start in range(0, len(order), batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss = dist.backward(lambda idx: _batch_loss(layer, build, inputs, targets, idx, kwargs, device), order[start : start + batch_size], len(order), trainable)
+            if not math.isfinite(loss):
                 diverged = True
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss)
         if diverged:
             break
         curve.append(sum(losses) / len(losses))
