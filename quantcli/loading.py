@@ -26,6 +26,7 @@ from quantcli.artifact import Artifact, BaseModelRef, is_artifact, open_artifact
 from quantcli.errors import ArtifactError, InputError
 from quantcli.models.arch import arch_spec, architecture_name, decoder_layers
 from quantcli.models.load import base_ref, config_hash, load_base, quiet_hub, resolve_base_dir
+from quantcli.models.stream import StreamedModel, can_stream
 from quantcli.models.weights import apply_quantized, install_activation_quant, read_quantized
 from quantcli.pack.load import load_packed
 from quantcli.quant import QuantizedWeight, QuantSpec
@@ -42,6 +43,7 @@ class Loaded:
     artifact: Artifact | None = None
     spec: QuantSpec | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    stream: StreamedModel | None = None  # when ``model`` is its meta-device skeleton
 
     @property
     def architecture(self) -> str:
@@ -118,12 +120,14 @@ def is_packed_dir(path: Path) -> bool:
         raise InputError(f"{config}: not valid JSON") from None
 
 
-def load_input(source: str | None, device: str = "cpu", quantized: bool = True) -> Loaded:
+def load_input(source: str | None, device: str = "cpu", quantized: bool = True, stream: bool = False) -> Loaded:
     """Load what the user named: None (the default model), a model directory, GGUF, hub id,
     artifact or packed checkpoint directory; the model is moved to ``device``.
 
     For an artifact, ``quantized=True`` gives the quantized model it describes and
     ``quantized=False`` the transformed full-precision model the next stage starts from.
+    ``stream=True`` gives a base model whose decoder layers stay in its safetensors shards until
+    the block-wise driver reads them one at a time (``loaded.stream``), when the checkpoint allows.
     """
     quiet_hub()
     if source is not None and is_artifact(source):
@@ -137,6 +141,11 @@ def load_input(source: str | None, device: str = "cpu", quantized: bool = True) 
         loaded = Loaded(packed.model, packed.tokenizer, Path(source), base_ref(Path(source), source), None, packed.spec, packed.quantized)
     else:
         base_dir, label = resolve_base_dir(source)
+        if stream and can_stream(base_dir):
+            from transformers import AutoTokenizer
+
+            streamed = StreamedModel(base_dir)
+            return Loaded(streamed.model, AutoTokenizer.from_pretrained(str(base_dir)), base_dir, base_ref(base_dir, label), stream=streamed)
         model, tokenizer = load_base(base_dir)
         loaded = Loaded(model, tokenizer, base_dir, base_ref(base_dir, label))
     loaded.model.to(device)
