@@ -59,6 +59,10 @@ class ShardIndex:
             self._handles[file] = safe_open(str(self.dir / file), "pt")
         return self._handles[file].get_tensor(key)
 
+    def close(self) -> None:
+        """Unmap the shards: pages read through a mapping count in the process's RSS until then."""
+        self._handles.clear()
+
 
 def skeleton(model_dir: Path) -> nn.Module:
     """The canonical model of ``model_dir`` with its parameters on ``meta`` (buffers computed)."""
@@ -135,7 +139,10 @@ class StreamedModel:
         """Materialise module ``path`` (``""`` = the whole model) on ``device``; return it."""
         module = self.model.get_submodule(path)
         prefix = f"{path}." if path else ""
-        tensors = canonical_tensors(module, lambda rel: self._read(prefix + rel, device))
+        try:
+            tensors = canonical_tensors(module, lambda rel: self._read(prefix + rel, device))
+        finally:
+            self.index.close()
         for name, value in tensors.items():
             _set(module, name, value)
         _buffers_to(module, device)  # buffers computed at build time (rotary frequencies)
