@@ -15,6 +15,7 @@ so and callers load them eagerly.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,6 +108,15 @@ def _set(module: nn.Module, name: str, value: Tensor) -> None:
         owner._buffers[leaf] = value
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise: RSS grew ~50 MB per
+    released 1.2B layer without this); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _buffers_to(module: nn.Module, device: torch.device | str) -> None:
     for sub in module.modules():
         for name, buf in sub._buffers.items():
@@ -154,6 +164,7 @@ class StreamedModel:
         for name, p in list(module.named_parameters()):
             _set(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
         _buffers_to(module, "cpu")
+        _return_freed_memory()
 
     def layer_path(self, index: int) -> str:
         return f"{self.arch.layers_path}.{index}"
