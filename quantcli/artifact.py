@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from quantcli import __version__
 from quantcli.errors import ArtifactError, InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: codes under 8 bits packed into int32 words (schema 1 still read)
 MANIFEST = "manifest.json"
 KINDS = ("calib", "rtn", "awq", "gptq", "omniquant", "smooth")
 

@@ -55,8 +55,8 @@ def _stderr(line: str) -> None:
 class PartialRun:
     """The on-disk state of one stage run; :meth:`save` is the driver's per-layer sink."""
 
-    def __init__(self, out: Path, parts: dict, layers_path: str, note: Callable[[str], None] = _stderr):
-        self.out = Path(out)
+    def __init__(self, out: Path, parts: dict, layers_path: str, bits: int = 8, note: Callable[[str], None] = _stderr):
+        self.out, self.bits = Path(out), bits
         self.dir = self.out.parent / f".{self.out.name}.partial"
         self.layers_path = layers_path
         parts = json.loads(json.dumps({**parts, "quantcli": __version__}, sort_keys=True, default=str))
@@ -100,7 +100,7 @@ class PartialRun:
         """Write layer ``index``'s tensors and the streams the next layer needs; then mark it finished."""
         prefix = f"{self.layers_path}.{index}."
         payloads = {
-            QUANTIZED_FILE: quantized_payload({prefix + k: v for k, v in result.quantized.items()}),
+            QUANTIZED_FILE: quantized_payload({prefix + k: v for k, v in result.quantized.items()}, self.bits),
             "saved.safetensors": {prefix + k: v for k, v in result.saved.items()},
             OVERRIDES_FILE: {prefix + k: v for k, v in result.overrides.items()},
         }

@@ -122,3 +122,21 @@ def test_changed_parameter_starts_over_with_a_message(tiny_model_dir, tmp_path, 
     fresh = run_stage(StageParams("rtn", _Breaks(-1, "-", 3.0), spec, {"scale": 3.0}), loaded, tmp_path / "fresh", Calibration(ids, {}), CPU)
     got, ref = _overrides(artifact), _overrides(fresh)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)  # layer 0 recomputed, not reused
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codes_under_8_bits_are_stored_packed_and_schema_1_still_reads(bits, tmp_path):
+    from quantcli.artifact import BaseModelRef, Manifest, write_artifact
+    from quantcli.models.weights import QUANTIZED_FILE, quantized_payload, read_quantized
+    from quantcli.quant import QuantizedWeight
+
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (6, 64), generator=gen).to(torch.uint8)
+    qw = QuantizedWeight(codes, torch.rand(6, 2) + 0.1, torch.randint(0, 2**bits, (6, 2)).float(), 32, None)
+    base = BaseModelRef("m", "0" * 64, "LlamaForCausalLM")
+    packed = quantized_payload({"lin": qw}, bits)
+    assert packed["lin.qweight"].dtype == torch.int32 and packed["lin.qweight"].numel() * 4 == codes.numel() * bits // 8
+    for schema, payload in ((2, packed), (1, quantized_payload({"lin": qw}))):  # schema 1: one uint8 per code
+        artifact = write_artifact(tmp_path / f"s{schema}", Manifest("rtn", base, schema=schema), {QUANTIZED_FILE: payload})
+        back = read_quantized(artifact)["lin"]
+        assert torch.equal(back.codes, codes) and back.group == 32 and torch.equal(back.zero, qw.zero)
