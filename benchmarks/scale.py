@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,8 +98,13 @@ def _char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
-def measure(cmd: list[str], src: Path = ROOT) -> dict:
-    """Run ``cmd``; its wall seconds, peak RSS (GB, the process and its children) and exit code."""
+def measure(cmd: list[str], src: Path = ROOT, timeout: float | None = None, out: Path | None = None) -> dict:
+    """Run ``cmd``; its wall seconds, peak RSS (GB, the process and its children) and exit code.
+
+    After ``timeout`` seconds the stage gets Ctrl-C (SIGINT: it keeps its finished layers in the
+    hidden ``.OUT.partial/`` beside its output ``out``); the row then records how many layers were
+    finished and their mean seconds, and a run of the same command later resumes from there.
+    """
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(src)})
     ps, peak = psutil.Process(proc.pid), 0
@@ -108,11 +114,18 @@ def measure(cmd: list[str], src: Path = ROOT) -> dict:
             peak = max(peak, rss)
         except psutil.Error:
             pass
+        if timeout is not None and time.time() - started > timeout and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            timeout = None
         time.sleep(0.2)
-    out, err = proc.communicate()
-    return {
+    stdout, err = proc.communicate()
+    row = {}
+    if out is not None and (partial := out.parent / f".{out.name}.partial").is_dir():
+        layers = [json.loads(f.read_text()) for f in sorted(partial.glob("layer-*.json"))]
+        row = {"stopped_after_layers": len(layers), "mean_layer_seconds": round(sum(m["seconds"] for m in layers) / max(len(layers), 1), 1)}
+    return {**row,
         "seconds": round(time.time() - started, 1), "peak_rss_gb": round(peak / 1e9, 2), "rc": proc.returncode,
-        "loadavg": [round(x, 1) for x in os.getloadavg()], "stdout": out.strip()[-300:],
+        "loadavg": [round(x, 1) for x in os.getloadavg()], "stdout": stdout.strip()[-300:],
         "stderr_tail": err.strip()[-300:] if proc.returncode else "",
     }
 
@@ -147,6 +160,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--label", default="after", help="run label in the JSON (e.g. before = main's code)")
+    ap.add_argument("--stage-timeout", type=float, default=None, help="Ctrl-C a stage after this many seconds (rows then hold layers done)")
     ap.add_argument("--src", type=Path, default=ROOT, help="quantcli checkout the stages run (e.g. main's, for before)")
     ap.add_argument("--forward", nargs=3, metavar=("MODEL", "CALIB", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,9 +194,14 @@ def main() -> None:
     }
     for stage in args.stages.split(","):
         print(f"running {stage} …", file=sys.stderr, flush=True)
-        rows[stage] = measure(commands[stage], args.src)
+        output = run / stage if stage in ("rtn", "gptq", "awq", "pack") else None
+        rows[stage] = measure(commands[stage], args.src, args.stage_timeout if stage in ("gptq", "awq") else None, output)
         if forward_s and stage in ("gptq", "awq", "rtn"):
-            rows[stage]["x_plain_forward"] = round(rows[stage]["seconds"] / forward_s, 1)
+            if "stopped_after_layers" in rows[stage]:  # stopped early: whole-stage time estimated from its layers
+                estimate = rows[stage]["mean_layer_seconds"] * SHAPES[args.model]["num_hidden_layers"]
+                rows[stage]["x_plain_forward_estimated"] = round(estimate / forward_s, 1)
+            else:
+                rows[stage]["x_plain_forward"] = round(rows[stage]["seconds"] / forward_s, 1)
         print(f"  {stage}: {rows[stage]['seconds']} s, peak {rows[stage]['peak_rss_gb']} GB, rc {rows[stage]['rc']}", file=sys.stderr, flush=True)
 
     shape = SHAPES[args.model]
@@ -199,7 +218,10 @@ def main() -> None:
         "stages": rows,
     }
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    data[f"{args.model}/{args.label}"] = entry
+    key = f"{args.model}/{args.label}"
+    if key in data:  # a run of some stages adds to the stages of the earlier run
+        entry["stages"] = {**data[key].get("stages", {}), **rows}
+    data[key] = entry
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     print(f"{'stage':<14}{'seconds':>10}{'peak RSS GB':>14}{'x forward':>11}{'rc':>4}")
     for stage, row in rows.items():
