@@ -106,7 +106,10 @@ def measure(cmd: list[str], src: Path = ROOT, timeout: float | None = None, out:
     finished and their mean seconds, and a run of the same command later resumes from there.
     """
     started = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(src)})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(src)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job inherits SIGINT ignored
+    )
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
