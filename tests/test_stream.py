@@ -85,3 +85,27 @@ def test_moe_checkpoint_with_renamed_experts_is_not_streamed(tmp_path):
     """Mixtral's checkpoint names experts w1/w2/w3: streaming refuses, the loader falls back to eager."""
     assert not can_stream(_save("MixtralForCausalLM", tmp_path, True))
     assert can_stream(_save("LlamaForCausalLM", tmp_path / "llama", True))
+
+
+@pytest.mark.parametrize("stage", ["rtn", "awq"])
+def test_eval_ppl_layer_by_layer_equals_eager(stage, tiny_model_dir, tmp_path):
+    """Perplexity of an artifact streamed and replayed layer by layer = the eagerly materialised one."""
+    from typer.testing import CliRunner
+
+    from quantcli.calib.data import tokenize
+    from quantcli.cli.app import app
+    from quantcli.eval.ppl import perplexity, perplexity_streamed
+    from quantcli.loading import load_input
+
+    text = tiny_model_dir.parent / "text.txt"
+    out = tmp_path / stage
+    calib = ["--dataset", str(text), "--nsamples", "4", "--seqlen", "32"] if stage == "awq" else []
+    result = CliRunner().invoke(app, [stage, str(tiny_model_dir), "--w4", "--group", "32", *calib, "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    eager, streamed = load_input(str(out)), load_input(str(out), stream=True)
+    assert eager.stream is None and streamed.stream is not None
+    tokens = tokenize(eager.tokenizer, text.read_text())
+    ref = perplexity(eager.model, tokens, 32, 6)
+    got = perplexity_streamed(streamed.stream, tokens, 32, 6, batch=4)
+    base = perplexity(load_input(str(tiny_model_dir)).model, tokens, 32, 6)
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-5) and abs(ref["ppl"] - base["ppl"]) > 1e-3

@@ -19,7 +19,7 @@ import ctypes
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -138,7 +138,9 @@ class StreamedModel:
         self.arch = arch_spec(self.model)
         self.layers = decoder_layers(self.model, self.arch)
         self._tied = _tied_keys(self.model)
-        self._shapes = {name: (p.shape, p.dtype) for name, p in self.model.named_parameters(remove_duplicate=False)}
+        # what a loader replays onto each module as it is read (an artifact's lineage and codes)
+        self.prepare_layer: Callable[[int, nn.Module], None] = lambda _index, _layer: None
+        self.prepare_outside: Callable[[nn.Module], None] = lambda _model: None
 
     def _read(self, key: str, device: torch.device | str) -> Tensor:
         key = key if key in self.index or key not in self._tied else self._tied[key]
@@ -170,7 +172,9 @@ class StreamedModel:
         return f"{self.arch.layers_path}.{index}"
 
     def onload_layer(self, index: int, device: torch.device | str) -> nn.Module:
-        return self.onload(self.layer_path(index), device)
+        layer = self.onload(self.layer_path(index), device)
+        self.prepare_layer(index, layer)
+        return layer
 
     def offload_layer(self, index: int) -> None:
         self.offload(self.layer_path(index))
@@ -182,6 +186,7 @@ class StreamedModel:
         try:
             for path in paths:
                 self.onload(path, device)
+            self.prepare_outside(self.model)
             yield self.model
         finally:
             for path in paths:
