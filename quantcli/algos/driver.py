@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from quantcli.calib.capture import capture_layer_inputs
 from quantcli.models.arch import ArchSpec, arch_spec, decoder_layers, quantizable_linears
 from quantcli.errors import InputError, NumericalError
-from quantcli.models.stream import InMemoryModel
+from quantcli.models.stream import InMemoryModel, to_device
 from quantcli.models.weights import install_activation_quant
 from quantcli.quant import QuantizedWeight, QuantSpec
 
@@ -117,14 +117,6 @@ class DriverResult:
     overrides: dict[str, Tensor]
     layers: list[dict]  # per-layer metrics, in order
     seconds: float
-
-
-def _to(value, device):
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
 
 
 @torch.no_grad()
@@ -248,7 +240,7 @@ def run_blockwise(
         t0 = time.time()
         layer = source.onload_layer(index, device)
         inputs, fp_inputs = boundary.inputs, boundary.fp_inputs
-        kwargs = {k: _to(v, device) for k, v in layer_kwargs[index].items()}
+        kwargs = {k: to_device(v, device) for k, v in layer_kwargs[index].items()}
         fp_in = inputs if fp_inputs is None else fp_inputs
         targets = None if data_free else layer_forward(layer, fp_in, kwargs, device, batch, acts.empty(fp_in.shape))
         ctx = LayerContext(

@@ -63,20 +63,13 @@ def perplexity(
     }
 
 
-def _to(value, device):
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
-
-
 @torch.no_grad()
 def perplexity_streamed(source, tokens: Tensor, seqlen: int, max_windows: int | None = None, device="cpu", batch: int = 8) -> dict:
     """:func:`perplexity` of a streamed model (:class:`quantcli.models.stream.StreamedModel`),
     layer by layer as the GPTQ reference evaluation does: every window through layer ``i``, then
     layer ``i + 1``, so only one layer (and the windows' hidden states) is in memory at a time."""
     from quantcli.calib.capture import capture_layer_inputs
+    from quantcli.models.stream import to_device
 
     wins = windows(tokens, seqlen, max_windows)
     started = time.time()
@@ -84,7 +77,7 @@ def perplexity_streamed(source, tokens: Tensor, seqlen: int, max_windows: int | 
         hidden, layer_kwargs = capture_layer_inputs(outer, source.layers, wins, batch)
     for index in range(len(source.layers)):
         layer = source.onload_layer(index, device)
-        kwargs = {k: _to(v, device) for k, v in layer_kwargs[index].items()}
+        kwargs = {k: to_device(v, device) for k, v in layer_kwargs[index].items()}
         for start in range(0, len(hidden), batch):
             out = layer(hidden[start : start + batch].to(device), **kwargs)
             hidden[start : start + batch] = (out[0] if isinstance(out, tuple) else out).to(hidden.device)

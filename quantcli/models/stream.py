@@ -117,6 +117,15 @@ def _return_freed_memory() -> None:
         pass
 
 
+def to_device(value, device: torch.device | str):
+    """``value`` (a tensor, or a tuple of them, e.g. rotary position embeddings) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    return value
+
+
 def _buffers_to(module: nn.Module, device: torch.device | str) -> None:
     for sub in module.modules():
         for name, buf in sub._buffers.items():
