@@ -128,8 +128,8 @@ def measure(cmd: list[str], src: Path = ROOT, timeout: float | None = None, out:
         row = {"stopped_after_layers": len(layers), "mean_layer_seconds": round(sum(m["seconds"] for m in layers) / max(len(layers), 1), 1)}
     return {**row,
         "seconds": round(time.time() - started, 1), "peak_rss_gb": round(peak / 1e9, 2), "rc": proc.returncode,
-        "loadavg": [round(x, 1) for x in os.getloadavg()], "stdout": stdout.strip()[-300:],
-        "stderr_tail": err.strip()[-300:] if proc.returncode else "",
+        "loadavg": [round(x, 1) for x in os.getloadavg()], "stdout": stdout.strip()[-300:].replace(f"{ROOT}/", ""),
+        "stderr_tail": err.strip()[-300:].replace(f"{ROOT}/", "") if proc.returncode else "",
     }
 
 
@@ -199,11 +199,11 @@ def main() -> None:
         print(f"running {stage} …", file=sys.stderr, flush=True)
         output = run / stage if stage in ("rtn", "gptq", "awq", "pack") else None
         rows[stage] = measure(commands[stage], args.src, args.stage_timeout if stage in ("gptq", "awq") else None, output)
-        if forward_s and stage in ("gptq", "awq", "rtn"):
+        if forward_s and stage in ("gptq", "awq", "rtn") and rows[stage]["rc"] in (0, 130):
             if "stopped_after_layers" in rows[stage]:  # stopped early: whole-stage time estimated from its layers
                 estimate = rows[stage]["mean_layer_seconds"] * SHAPES[args.model]["num_hidden_layers"]
                 rows[stage]["x_plain_forward_estimated"] = round(estimate / forward_s, 1)
-            else:
+            elif rows[stage]["rc"] == 0:
                 rows[stage]["x_plain_forward"] = round(rows[stage]["seconds"] / forward_s, 1)
         print(f"  {stage}: {rows[stage]['seconds']} s, peak {rows[stage]['peak_rss_gb']} GB, rc {rows[stage]['rc']}", file=sys.stderr, flush=True)
 
