@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from quantcli import __version__
 from quantcli.errors import ArtifactError, InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: codes under 8 bits packed into int32 words (schema 1 still read)
 MANIFEST = "manifest.json"
 KINDS = ("calib", "rtn", "awq", "gptq", "omniquant", "smooth")
 
@@ -162,11 +162,12 @@ def check_output_free(out: Path, force: bool) -> None:
 def write_artifact(
     out: str | Path,
     manifest: Manifest,
-    payloads: dict[str, dict[str, torch.Tensor]],
+    payloads: dict[str, dict[str, torch.Tensor] | Path],
     force: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> Artifact:
-    """Atomically create artifact directory ``out`` with ``payloads`` (file name → tensors).
+    """Atomically create artifact directory ``out`` with ``payloads`` (file name → tensors, or the
+    path of a safetensors file to move in).
 
     ``manifest.parent`` may be given as any path; it is stored relative to ``out``.
     ``extra_files`` (name → text) are written beside the payloads and hashed like them.
@@ -176,8 +177,10 @@ def write_artifact(
     with atomic_directory(out) as tmp:
         files: dict[str, str] = {}
         for name, tensors in payloads.items():
-            contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-            save_file(contiguous, str(tmp / name))
+            if isinstance(tensors, Path):  # a safetensors file written already (per-layer stages)
+                os.replace(tensors, tmp / name)
+            else:
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / name))
             files[name] = sha256_file(tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -29,3 +29,7 @@ class DatasetError(QuantCliError):
 
 class UnsupportedArchitecture(QuantCliError):
     """The model's architecture has no entry in the architecture table."""
+
+
+class NumericalError(QuantCliError):
+    """A computation produced NaN or Inf (the stage stops, naming where)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -27,6 +28,7 @@ from quantcli.errors import ArtifactError, InputError
 from quantcli.models.arch import arch_spec, architecture_name, decoder_layers
 from quantcli.models.load import base_ref, config_hash, load_base, quiet_hub, resolve_base_dir
 from quantcli.models.act_hooks import INPUT_SCALE, INPUT_ZERO, install_spec_hooks
+from quantcli.models.stream import StreamedModel, can_stream
 from quantcli.models.weights import QUANTIZED_FILE, apply_quantized, read_quantized
 from quantcli.pack.load import load_packed
 from quantcli.quant import QuantizedWeight, QuantSpec
@@ -43,6 +45,7 @@ class Loaded:
     artifact: Artifact | None = None
     spec: QuantSpec | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    stream: StreamedModel | None = None  # when ``model`` is its meta-device skeleton
 
     @property
     def architecture(self) -> str:
@@ -75,13 +78,32 @@ def replay_lineage(model: nn.Module, stages: list[StageReplay], codes: dict[str,
     overrides and codes outside the decoder layers follow.
     """
     arch = arch_spec(model)
+    replay_layer = layer_replayer(stages, codes, arch)
     for index, layer in enumerate(decoder_layers(model, arch)):
+        replay_layer(index, layer)
+    replay_outside(stages, codes, arch)(model)
+
+
+def layer_replayer(stages: list[StageReplay], codes: dict[str, QuantizedWeight], arch) -> Callable[[int, nn.Module], None]:
+    """``f(index, layer)``: every stage's transform on decoder layer ``index``, then its codes."""
+
+    def replay_layer(index: int, layer: nn.Module) -> None:
         for stage in stages:
             stage.replay_layer(layer, arch, index)
         apply_quantized(layer, layer_tensors(codes, f"{arch.layers_path}.{index}."))
-    for stage in stages:
-        stage.replay_outside_layers(model, arch)
-    apply_quantized(model, {k: v for k, v in codes.items() if not k.startswith(f"{arch.layers_path}.")})
+
+    return replay_layer
+
+
+def replay_outside(stages: list[StageReplay], codes: dict[str, QuantizedWeight], arch) -> Callable[[nn.Module], None]:
+    """``f(model)``: the stages' overrides and codes outside the decoder layers."""
+
+    def replay(model: nn.Module) -> None:
+        for stage in stages:
+            stage.replay_outside_layers(model, arch)
+        apply_quantized(model, {k: v for k, v in codes.items() if not k.startswith(f"{arch.layers_path}.")})
+
+    return replay
 
 
 def materialize(artifact: Artifact, quantized: bool = True) -> tuple[nn.Module, object]:
@@ -90,25 +112,35 @@ def materialize(artifact: Artifact, quantized: bool = True) -> tuple[nn.Module, 
     ``quantized=False`` stops before the last stage's codes: the transformed full-precision
     model a following stage starts from (it computes the base model's function).
     """
-    model, tokenizer, _ = _rebuild(artifact, quantized)
+    model, tokenizer, _, _ = _rebuild(artifact, quantized)
     return model, tokenizer
 
 
-def _rebuild(artifact: Artifact, quantized: bool) -> tuple[nn.Module, object, dict[str, QuantizedWeight]]:
-    """:func:`materialize`, also returning the codes it put in (empty when ``quantized=False``)."""
+def _rebuild(artifact: Artifact, quantized: bool, stream: bool = False) -> tuple[nn.Module, object, dict[str, QuantizedWeight], StreamedModel | None]:
+    """:func:`materialize`, also returning the codes it put in (empty when ``quantized=False``)
+    and, with ``stream``, the streamed model whose skeleton ``model`` is (None when not streamed)."""
     chain = [a for a in artifact.lineage() if a.kind != "calib"]
     stages = [StageReplay.of(a) for a in chain]  # an unknown kind fails before the model loads
     base_dir = base_dir_of(chain[0])
     codes = read_quantized(artifact) if quantized else {}
-    model, tokenizer = load_base(base_dir)
-    replay_lineage(model, stages, codes)
+    if stream and can_stream(base_dir):  # each layer replayed as the driver or evaluation reads it
+        from transformers import AutoTokenizer
+
+        streamed = StreamedModel(base_dir)
+        streamed.prepare_layer = layer_replayer(stages, codes, streamed.arch)
+        streamed.prepare_outside = replay_outside(stages, codes, streamed.arch)
+        model, tokenizer = streamed.model, AutoTokenizer.from_pretrained(str(base_dir))
+    else:
+        streamed = None
+        model, tokenizer = load_base(base_dir)
+        replay_lineage(model, stages, codes)
     spec = spec_of(artifact)
     if quantized and spec is not None:
         static = None
         if spec.act_static:  # calibrated per-tensor input scales stored beside the codes
             static = {k: v for k, v in artifact.tensors(QUANTIZED_FILE).items() if k.endswith((INPUT_SCALE, INPUT_ZERO))}
         install_spec_hooks(model, sorted(codes), spec, static)
-    return model, tokenizer, codes
+    return model, tokenizer, codes, streamed
 
 
 def is_packed_dir(path: Path) -> bool:
@@ -122,25 +154,34 @@ def is_packed_dir(path: Path) -> bool:
         raise InputError(f"{config}: not valid JSON") from None
 
 
-def load_input(source: str | None, device: str = "cpu", quantized: bool = True) -> Loaded:
+def load_input(source: str | None, device: str = "cpu", quantized: bool = True, stream: bool = False) -> Loaded:
     """Load what the user named: None (the default model), a model directory, GGUF, hub id,
     artifact or packed checkpoint directory; the model is moved to ``device``.
 
     For an artifact, ``quantized=True`` gives the quantized model it describes and
     ``quantized=False`` the transformed full-precision model the next stage starts from.
+    ``stream=True`` gives a base model whose decoder layers stay in its safetensors shards until
+    the block-wise driver reads them one at a time (``loaded.stream``), when the checkpoint allows.
     """
     quiet_hub()
     if source is not None and is_artifact(source):
         artifact = open_artifact(source)
         if artifact.kind == "calib":
             raise InputError(f"{source}: a calibration artifact is not a model; pass it with --calib")
-        model, tokenizer, codes = _rebuild(artifact, quantized)
-        loaded = Loaded(model, tokenizer, base_dir_of(artifact), artifact.manifest.base_model, artifact, spec_of(artifact), codes)
+        model, tokenizer, codes, streamed = _rebuild(artifact, quantized, stream)
+        loaded = Loaded(model, tokenizer, base_dir_of(artifact), artifact.manifest.base_model, artifact, spec_of(artifact), codes, streamed)
+        if streamed is not None:
+            return loaded
     elif source is not None and is_packed_dir(Path(source)):
         packed = load_packed(Path(source))
         loaded = Loaded(packed.model, packed.tokenizer, Path(source), base_ref(Path(source), source), None, packed.spec, packed.quantized)
     else:
         base_dir, label = resolve_base_dir(source)
+        if stream and can_stream(base_dir):
+            from transformers import AutoTokenizer
+
+            streamed = StreamedModel(base_dir)
+            return Loaded(streamed.model, AutoTokenizer.from_pretrained(str(base_dir)), base_dir, base_ref(base_dir, label), stream=streamed)
         model, tokenizer = load_base(base_dir)
         loaded = Loaded(model, tokenizer, base_dir, base_ref(base_dir, label))
     loaded.model.to(device)

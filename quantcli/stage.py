@@ -16,13 +16,14 @@ from typing import Callable
 import torch
 
 from quantcli import dist
-from quantcli.algos.driver import LayerAlgo, LayerEvent, resolve_device, run_blockwise
+from quantcli.algos.driver import ActivationStore, LayerAlgo, LayerEvent, resolve_device, run_blockwise
 from quantcli.algos.parent import Upstream, no_upstream
 from quantcli.artifact import Artifact, Manifest, check_output_free, is_artifact, open_artifact, write_artifact
 from quantcli.calib.data import BUILTIN, calibration_blocks, load_texts
 from quantcli.errors import ArtifactError, InputError
 from quantcli.loading import Loaded
-from quantcli.models.weights import OVERRIDES_FILE, QUANTIZED_FILE, quantized_payload
+from quantcli.models.arch import arch_spec, decoder_layers
+from quantcli.resume import PartialRun
 from quantcli.quant import QuantSpec
 
 CALIB_FILE = "calib.safetensors"
@@ -175,14 +176,33 @@ def run_stage(
     run: RunParams = RunParams(),
     on_layer: Callable[[LayerEvent], None] = lambda _e: None,
     on_update: Callable[..., None] = lambda **_: None,
+    acts: ActivationStore | None = None,
 ) -> Artifact:
-    """Quantize ``loaded.model`` with ``stage.algo`` layer by layer and write artifact ``out``."""
+    """Quantize ``loaded.model`` with ``stage.algo`` layer by layer and write artifact ``out``.
+
+    Each finished layer is written at once beside ``out``; a run killed mid-way and started
+    again with the same inputs and parameters continues from its last finished layer.
+    """
     check_output_free(out, run.force)
-    result = run_blockwise(
-        loaded.model, calibration.ids if calibration is not None else None, stage.algo, stage.spec,
-        resolve_device(run.device), run.batch, stage.upstream, on_layer, on_update,
-    )
-    losses = [m["loss"] for m in result.layers if m.get("loss") is not None]
+    ids = calibration.ids if calibration is not None else None
+    parts = {
+        "kind": stage.kind, "params": stage.recorded, "spec": stage.spec.to_dict(), "model_config": loaded.base.config_sha256,
+        "parent": str(loaded.artifact.path.resolve()) if loaded.artifact is not None else None,
+        "calibration_tokens": ids_digest(ids) if ids is not None else None,
+    }
+    layers_path = arch_spec(loaded.model).layers_path
+    world = dist.world()
+    if world.size > 1:
+        parts["world_size"] = world.size
+    partial = PartialRun(out, parts, layers_path, stage.spec.wbits, rank=world.rank if world.size > 1 else None)
+    try:
+        result = run_blockwise(
+            loaded.stream or loaded.model, ids, stage.algo, stage.spec, resolve_device(run.device), run.batch,
+            stage.upstream, on_layer, on_update, acts=acts, resume=partial.boundary(ids is None), sink=partial.save,
+        )
+    except KeyboardInterrupt:
+        raise partial.interrupted(len(decoder_layers(loaded.model, arch_spec(loaded.model)))) from None
+    losses = [m["loss"] for m in partial.layers if m.get("loss") is not None]
     manifest = Manifest(
         kind=stage.kind,
         base_model=loaded.base,
@@ -190,16 +210,11 @@ def run_stage(
         spec=stage.spec.to_dict(),
         params={**stage.recorded, "calibration": calibration.info if calibration is not None else None},
         metrics={
-            "seconds": round(result.seconds, 2),
+            "seconds": round(sum(m["seconds"] for m in partial.layers) + result.seconds - sum(m["seconds"] for m in result.layers), 2),
             "world_size": dist.world().size,
             "mean_layer_loss": sum(losses) / len(losses) if losses else None,
-            "layers": result.layers,
+            "layers": partial.layers,
         },
     )
-    payloads = {QUANTIZED_FILE: {**quantized_payload(result.quantized), **result.act_qparams}}
-    if result.saved:
-        payloads[f"{stage.kind}.safetensors"] = result.saved
-    if result.overrides:
-        payloads[OVERRIDES_FILE] = result.overrides
-    return dist.on_main(lambda: write_artifact(out, manifest, payloads, force=run.force), lambda: Artifact(out, manifest))
+    return dist.on_main(lambda: partial.assemble(manifest, stage.kind, run.force), lambda: (partial.discard(), Artifact(out, manifest))[1])
 

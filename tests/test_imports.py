@@ -6,7 +6,7 @@ Layers, bottom to top; a module may import modules of its own subpackage and of 
     1  quant (pure math), artifact (manifest and payload I/O), dist (torch.distributed ranks and reductions)
     2  models (architecture table, base models, weights), calib
     3  algos (driver, algorithms, replay), pack (formats, packed checkpoints), eval
-    4  loading (what the user named → a model)
+    4  loading (what the user named → a model), resume (per-layer partial state of a stage)
     5  stage, bench
     6  cli
     7  __main__ (python -m quantcli)
@@ -24,7 +24,7 @@ LAYERS = {
     "quant": 1, "artifact": 1, "dist": 1,
     "models": 2, "calib": 2,
     "algos": 3, "pack": 3, "eval": 3,
-    "loading": 4,
+    "loading": 4, "resume": 4,
     "stage": 5, "bench": 5,
     "cli": 6,
     "__main__": 7,

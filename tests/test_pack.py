@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from quantcli.errors import InputError, SpecError
-from quantcli.pack.bits import (
+from quantcli.quant.bits import (
     awq_deinterleave,
     awq_interleave,
     pack_int32,

@@ -6,15 +6,25 @@ algorithm's quantized weights into the layer, forwards the now-quantized layer (
 fake-quantized too when the spec asks for it) to get the next layer's inputs, and moves the layer
 back. Algorithms never loop over layers themselves.
 
-Activations ``[N, L, H]`` live on ``act_device`` (CPU by default) and are streamed through the
-layer in mini-batches, so calibration sets larger than device memory work.
+Layers come from a :class:`LayerSource`: a model in memory, or a streamed model whose layers are
+read from the safetensors shards one at a time, so peak memory is one layer + the activations +
+what the algorithm holds, whatever the depth. Each finished layer can go to a ``sink`` (written
+to disk at once, see ``quantcli/resume.py``) together with the activations the next layer needs,
+from which a killed run resumes.
+
+Activations ``[N, L, H]`` live in an :class:`ActivationStore` (CPU memory by default, or
+memory-mapped files on disk) and are streamed through the layer in mini-batches, so calibration
+sets larger than device memory (or host memory) work.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +32,9 @@ from torch import Tensor, nn
 from quantcli import dist
 from quantcli.calib.capture import capture_layer_inputs
 from quantcli.models.arch import ArchSpec, arch_spec, decoder_layers, quantizable_linears
+from quantcli.errors import InputError, NumericalError, SpecError
 from quantcli.models.act_hooks import calibrate_static_inputs, install_spec_hooks
+from quantcli.models.stream import InMemoryModel, to_device
 from quantcli.quant import QuantizedWeight, QuantSpec
 
 
@@ -67,6 +79,21 @@ class LayerResult:
     saved: dict[str, Tensor] = field(default_factory=dict)  # search results (AWQ scales, clips, …)
     overrides: dict[str, Tensor] = field(default_factory=dict)  # fp parameters the algorithm changed
     metrics: dict = field(default_factory=dict)
+    act_qparams: dict[str, Tensor] = field(default_factory=dict)  # static activation scales (set by the driver)
+
+
+class LayerSource(Protocol):
+    """Where the driver gets its layers (a model in memory, or one streamed from its shards)."""
+
+    model: nn.Module  # the skeleton: config, embeddings, the layer list
+    arch: ArchSpec
+    layers: nn.ModuleList
+
+    def onload_layer(self, index: int, device: torch.device) -> nn.Module: ...
+
+    def offload_layer(self, index: int) -> None: ...
+
+    def outside_layers(self, device: torch.device, head: bool = False) -> ContextManager[nn.Module]: ...
 
 
 class LayerAlgo(Protocol):
@@ -95,22 +122,48 @@ class DriverResult:
     act_qparams: dict[str, Tensor] = field(default_factory=dict)  # static activation scales (act_static)
 
 
-def _to(value, device):
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
-
-
 @torch.no_grad()
-def layer_forward(module: nn.Module, x: Tensor, kwargs: dict, device: torch.device, batch: int) -> Tensor:
-    """``module(x)`` for ``x: [N, L, H]`` in mini-batches on ``device``; output on ``x``'s device."""
-    outs = []
+def layer_forward(module: nn.Module, x: Tensor, kwargs: dict, device: torch.device, batch: int, out: Tensor | None = None) -> Tensor:
+    """``module(x)`` for ``x: [N, L, H]`` in mini-batches on ``device``, computed in the module's dtype.
+
+    The output goes into ``out`` when given (e.g. a disk-backed stream of the layer's own shape),
+    else to ``x``'s device and dtype (any output width: sub-blocks such as an MLP or one linear).
+    """
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), x.dtype)
+    parts = []
     for start in range(0, x.shape[0], batch):
-        out = module(x[start : start + batch].to(device), **kwargs)
-        outs.append((out[0] if isinstance(out, tuple) else out).to(x.device))
-    return torch.cat(outs)
+        y = module(x[start : start + batch].to(device, dtype), **kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        if out is None:
+            parts.append(y.to(x.device, x.dtype))
+        else:
+            out[start : start + batch] = y.to(out.device, out.dtype)
+    return torch.cat(parts) if out is None else out
+
+
+class ActivationStore:
+    """Where the calibration streams ``[N, L, H]`` live: in memory, or with ``directory`` in
+    memory-mapped files there (unlinked at once, so the OS frees them with the tensor and may page
+    them out), in ``dtype`` (float32; bfloat16 halves them at the cost of rounding the streams)."""
+
+    def __init__(self, directory: Path | None = None, dtype: torch.dtype = torch.float32):
+        self.directory, self.dtype, self._count = directory, dtype, 0
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+
+    def empty(self, shape: torch.Size) -> Tensor:
+        if self.directory is None:
+            return torch.empty(shape, dtype=self.dtype)
+        path = Path(self.directory) / f"quantcli-stream-{os.getpid()}-{self._count}.bin"
+        self._count += 1
+        tensor = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=self.dtype).view(shape)
+        path.unlink()
+        return tensor
+
+    def put(self, x: Tensor) -> Tensor:
+        out = self.empty(x.shape)
+        out.copy_(x)
+        return out
 
 
 def check_spec(model: nn.Module, spec: QuantSpec) -> None:
@@ -127,14 +180,28 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return dist.bind(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from quantcli.errors import InputError
-
         raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
     return dist.bind(torch.device(device))
 
 
+@dataclass
+class Boundary:
+    """The activation streams between two layers: what layer ``index`` receives.
+
+    ``inputs``: the quantized stream ``[N, L, H]``; ``fp_inputs``: the full-precision stream
+    (only for algorithms that ask for one). Both ``None`` for data-free algorithms.
+    """
+
+    index: int
+    inputs: Tensor | None = None
+    fp_inputs: Tensor | None = None
+
+
+LayerSink = Callable[[int, LayerResult, Boundary], None]
+
+
 def run_blockwise(
-    model: nn.Module,
+    model: nn.Module | LayerSource,
     calib_ids: Tensor | None,
     algo: LayerAlgo,
     spec: QuantSpec,
@@ -143,44 +210,49 @@ def run_blockwise(
     upstream: Callable[[int], dict[str, Tensor]] = lambda _i: {},
     on_layer: Callable[[LayerEvent], None] = lambda _e: None,
     on_update: Callable[..., None] = lambda **_: None,
-    act_device: torch.device | str = "cpu",
+    acts: ActivationStore | None = None,
+    resume: Boundary | None = None,
+    sink: LayerSink | None = None,
 ) -> DriverResult:
     """Run ``algo`` layer by layer over ``model`` with calibration tokens ``calib_ids: [N, L]``.
 
+    ``model`` is a model in memory or a :class:`LayerSource` that materialises one decoder layer
+    at a time (a streamed model); only the embeddings are needed to capture layer 0's inputs.
     With ``calib_ids=None`` no activations are captured (data-free weight-only algorithms).
-
-    Returns the quantized weights, saved search results and fp overrides under full module names,
-    and one metrics dict per layer (``loss`` = mean squared error of the quantized layer's output
-    against the full-precision target).
+    ``resume`` starts at a saved boundary instead of layer 0. ``sink(index, result, boundary)``
+    receives each finished layer with the streams the next layer needs; without a sink the
+    results are collected in the returned :class:`DriverResult` under full module names.
+    Metrics per layer: ``loss`` = mean squared error of the quantized layer's output against the
+    full-precision target. Outputs that are not finite stop the run (:class:`NumericalError`).
     """
     started = time.time()
-    arch = arch_spec(model)
-    check_spec(model, spec)
-    layers = decoder_layers(model, arch)
+    source = model if hasattr(model, "onload_layer") else InMemoryModel(model)
+    arch, config = source.arch, source.model.config
+    check_spec(source.model, spec)
     prefix = arch.layers_path
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
+    use_cache = getattr(config, "use_cache", None)
+    config.use_cache = False
 
     data_free = calib_ids is None
     if data_free and spec.act_static:
-        from quantcli.errors import SpecError
-
         raise SpecError("--act-static calibrates activation scales: pass --calib (or calibration flags)")
-    if data_free:  # weight-only algorithms without calibration data (RTN)
-        inputs, fp_inputs, layer_kwargs = None, None, [{} for _ in layers]
-    else:
-        model.to(device)
-        inputs, layer_kwargs = capture_layer_inputs(model, layers, dist.shard(calib_ids, "calibration blocks"), batch)
-        model.to("cpu")
-        inputs = inputs.to(act_device)
-        fp_inputs = inputs.clone() if algo.needs_fp_stream else None
+    acts = acts or ActivationStore()
+    boundary = resume or Boundary(0)
+    layer_kwargs: list[dict] = [{} for _ in source.layers]
+    if not data_free:
+        with source.outside_layers(device) as outer:
+            captured, layer_kwargs = capture_layer_inputs(outer, source.layers, dist.shard(calib_ids, "calibration blocks"), batch)
+        if resume is None:
+            boundary = Boundary(0, acts.put(captured), acts.put(captured) if algo.needs_fp_stream else None)
 
     result = DriverResult({}, {}, {}, [], 0.0)
-    for index, layer in enumerate(layers):
+    for index in range(boundary.index, len(source.layers)):
         t0 = time.time()
-        layer.to(device)
-        kwargs = {k: _to(v, device) for k, v in layer_kwargs[index].items()}
-        targets = None if data_free else layer_forward(layer, inputs if fp_inputs is None else fp_inputs, kwargs, device, batch)
+        layer = source.onload_layer(index, device)
+        inputs, fp_inputs = boundary.inputs, boundary.fp_inputs
+        kwargs = {k: to_device(v, device) for k, v in layer_kwargs[index].items()}
+        fp_in = inputs if fp_inputs is None else fp_inputs
+        targets = None if data_free else layer_forward(layer, fp_in, kwargs, device, batch, acts.empty(fp_in.shape))
         ctx = LayerContext(
             index, f"{prefix}.{index}", layer, inputs, targets, kwargs, device, spec, arch, batch,
             upstream(index), report=lambda **m: on_update(index=index, **m),
@@ -191,28 +263,40 @@ def run_blockwise(
         for rel, qw in layer_result.quantized.items():
             layer.get_submodule(rel).weight.data.copy_(qw.dequantize().to(device))
         loss = None
-        full = f"{prefix}.{index}."
         if not data_free:  # the next layer sees this one as evaluation will: activations (and KV) quantized too
             names, static = list(layer_result.quantized), None
             if spec.act_static and names and not spec.weight_only:
                 static = calibrate_static_inputs(layer, names, spec, lambda: layer_forward(layer, inputs, kwargs, device, batch))
-                result.act_qparams.update({full + k: v for k, v in static.items()})
+                layer_result.act_qparams.update(static)
             hooks = install_spec_hooks(layer, names, spec, static)
-            outputs = layer_forward(layer, inputs, kwargs, device, batch)
+            outputs = layer_forward(layer, inputs, kwargs, device, batch, acts.empty(inputs.shape))
             for hook in hooks:
                 hook.remove()
+            if not torch.isfinite(outputs).all():
+                raise NumericalError(
+                    f"layer {index} ({prefix}.{index}): its quantized outputs contain NaN or Inf; "
+                    f"layers before it are kept, re-run with other parameters (or the same to retry)"
+                )
             loss = dist.all_mean(torch.mean((outputs - targets).float() ** 2).item(), outputs.numel())
-            inputs, fp_inputs = outputs, (targets if fp_inputs is not None else None)
-        layer.to("cpu")
+            boundary = Boundary(index + 1, outputs, targets if fp_inputs is not None else None)
+        else:
+            boundary = Boundary(index + 1)
+        source.offload_layer(index)
 
-        result.quantized.update({full + k: v for k, v in layer_result.quantized.items()})
-        result.saved.update({full + k: v.cpu() for k, v in layer_result.saved.items()})
-        result.overrides.update({full + k: v.cpu() for k, v in layer_result.overrides.items()})
         seconds = time.time() - t0
-        metrics = {"layer": index, "loss": loss, "seconds": round(seconds, 3), **layer_result.metrics}
-        result.layers.append(metrics)
-        on_layer(LayerEvent(index, len(layers), f"{prefix}.{index}", loss, seconds, layer_result.metrics))
+        algo_metrics = layer_result.metrics
+        layer_result.metrics = {"layer": index, "loss": loss, "seconds": round(seconds, 3), **algo_metrics}
+        if sink is not None:
+            sink(index, layer_result, boundary)
+        else:
+            full = f"{prefix}.{index}."
+            result.quantized.update({full + k: v for k, v in layer_result.quantized.items()})
+            result.saved.update({full + k: v.cpu() for k, v in layer_result.saved.items()})
+            result.overrides.update({full + k: v.cpu() for k, v in layer_result.overrides.items()})
+            result.act_qparams.update({full + k: v.cpu() for k, v in layer_result.act_qparams.items()})
+        result.layers.append(layer_result.metrics)
+        on_layer(LayerEvent(index, len(source.layers), f"{prefix}.{index}", loss, seconds, algo_metrics))
 
-    model.config.use_cache = use_cache
+    config.use_cache = use_cache
     result.seconds = time.time() - started
     return result

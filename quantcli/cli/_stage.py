@@ -60,7 +60,7 @@ def run_algorithm(
     ``needs_data=False`` (RTN): calibrate only when a calibration flag is given.
     """
     with status("loading model", run.quiet):
-        loaded = load_input(plan.source, quantized=False)
+        loaded = load_input(plan.source, quantized=False, stream=True)
     stage = build(loaded)
     parent = plan.parent if needs_data else None
     with status("preparing calibration data", run.quiet):

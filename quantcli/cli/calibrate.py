@@ -30,7 +30,7 @@ def calibrate_command(
     """Write a calibration artifact: token blocks [N, L] and where they came from."""
     source = opt.input_or_stdin(input)
     with status("loading tokenizer", quiet):
-        loaded = load_input(source, quantized=False)
+        loaded = load_input(source, quantized=False, stream=True)  # only the tokenizer and config are needed
     artifact = write_calibration(loaded, CalibParams(dataset, nsamples, seqlen, seed), output, force)
     if not quiet:
         recorded = artifact.manifest.params

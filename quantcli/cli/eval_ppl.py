@@ -12,7 +12,7 @@ from quantcli.bench.run import describe_input
 from quantcli.calib.data import load_texts, tokenize
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
-from quantcli.eval.ppl import perplexity
+from quantcli.eval.ppl import perplexity, perplexity_streamed
 from quantcli.loading import load_input
 from quantcli.stage import default_seqlen
 
@@ -39,11 +39,14 @@ def eval_ppl_command(
     source = opt.input_or_stdin(input)
     texts = load_texts(dataset, "test")
     with status("loading model", quiet):
-        loaded = load_input(source, device=str(resolve_device(device)))
+        loaded = load_input(source, device=str(resolve_device(device)), stream=True)
     tokens = tokenize(loaded.tokenizer, texts.joined())
     seqlen = seqlen or default_seqlen(loaded.model)
     with status("evaluating", quiet):
-        result = perplexity(loaded.model, tokens, seqlen, max_windows)
+        if loaded.stream is not None:  # layer by layer from the shards: one layer in memory
+            result = perplexity_streamed(loaded.stream, tokens, seqlen, max_windows, resolve_device(device))
+        else:
+            result = perplexity(loaded.model, tokens, seqlen, max_windows)
     record = {
         **result,
         "model": source or "default",
@@ -51,8 +54,8 @@ def eval_ppl_command(
         "dataset": texts.source["dataset"],
         "split": texts.source["split"],
         "text_sha256": texts.source["sha256"],
-        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(loaded.model.parameters()).device),
+        "dtype": str(loaded.stream.dtype if loaded.stream else next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "device": str(resolve_device(device) if loaded.stream else next(loaded.model.parameters()).device),
         "protocol": "gptq: test split joined with \\n\\n, non-overlapping windows, exp(mean window NLL)",
     }
     if as_json:

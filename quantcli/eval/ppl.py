@@ -64,3 +64,38 @@ def perplexity(
         "tokens": int(all_wins.numel()),
         "seconds": round(time.time() - started, 2),
     }
+
+
+@torch.no_grad()
+def perplexity_streamed(source, tokens: Tensor, seqlen: int, max_windows: int | None = None, device="cpu", batch: int = 8) -> dict:
+    """:func:`perplexity` of a streamed model (:class:`quantcli.models.stream.StreamedModel`),
+    layer by layer as the GPTQ reference evaluation does: every window through layer ``i``, then
+    layer ``i + 1``, so only one layer (and the windows' hidden states) is in memory at a time."""
+    from quantcli.calib.capture import capture_layer_inputs
+    from quantcli.models.stream import to_device
+
+    wins = windows(tokens, seqlen, max_windows)
+    started = time.time()
+    with source.outside_layers(device) as outer:
+        hidden, layer_kwargs = capture_layer_inputs(outer, source.layers, wins, batch)
+    for index in range(len(source.layers)):
+        layer = source.onload_layer(index, device)
+        kwargs = {k: to_device(v, device) for k, v in layer_kwargs[index].items()}
+        for start in range(0, len(hidden), batch):
+            out = layer(hidden[start : start + batch].to(device), **kwargs)
+            hidden[start : start + batch] = (out[0] if isinstance(out, tuple) else out).to(hidden.device)
+        source.offload_layer(index)
+    nlls = []
+    with source.outside_layers(device, head=True) as model:
+        norm, head = model.get_decoder().norm, model.get_output_embeddings()
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        for window, h in zip(wins, hidden):
+            logits = head(norm(h.to(device)))[:-1].float()
+            if cap:  # Gemma's soft cap, as its causal-LM head applies it
+                logits = torch.tanh(logits / cap) * cap
+            nlls.append(F.cross_entropy(logits, window[1:].to(device)).item())
+    mean_nll = sum(nlls) / len(nlls)
+    return {
+        "ppl": math.exp(mean_nll), "nll": mean_nll, "windows": len(wins), "seqlen": seqlen,
+        "tokens": int(wins.numel()), "seconds": round(time.time() - started, 2), "layer_by_layer": True,
+    }

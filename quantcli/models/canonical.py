@@ -109,3 +109,57 @@ def strip_norm_offsets(model: nn.Module) -> None:
         if isinstance(module, RMSNorm) and module.offset:
             module.weight.data -= module.offset
             module.offset = 0.0
+
+
+def _units(module: nn.Module):
+    """``(prefix, submodule)`` for every module that owns tensors in the HF layout (a fused
+    experts module counts as one unit; its per-expert children are not visited)."""
+    fused = ()
+    for name, sub in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if fused and prefix.startswith(fused):
+            continue
+        if isinstance(sub, LinearExperts):
+            fused = prefix
+        yield prefix, sub
+
+
+def hf_keys(module: nn.Module) -> list[str]:
+    """Names (relative to ``module``) of the HF-layout tensors a canonical ``module`` is made from."""
+    keys = []
+    for prefix, sub in _units(module):
+        if isinstance(sub, LinearExperts):
+            keys += [f"{prefix}gate_up_proj", f"{prefix}down_proj"]
+        else:
+            keys += [prefix + n for n in _own_tensors(sub)]
+    return keys
+
+
+def _own_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own parameters and persistent buffers (not its children's)."""
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    return names + [n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set]
+
+
+def canonical_tensors(module: nn.Module, read) -> dict[str, Tensor]:
+    """The tensors of canonical ``module`` (names relative to it) built from HF-layout tensors.
+
+    ``read(name)`` returns the HF-layout tensor ``name`` (relative to ``module``), e.g. one
+    decoder layer's tensors read from a checkpoint. Inverse of :func:`hf_state_dict` per module:
+    offset norms get ``w + offset``, fused experts ``gate_up_proj: [E, 2I, H]``,
+    ``down_proj: [E, H, I]`` are split into ``{e}.gate_proj / up_proj / down_proj .weight``.
+    """
+    out: dict[str, Tensor] = {}
+    for prefix, sub in _units(module):
+        if isinstance(sub, LinearExperts):
+            gate_up, down = read(f"{prefix}gate_up_proj"), read(f"{prefix}down_proj")
+            inter = down.shape[2]
+            for e in range(gate_up.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = gate_up[e, :inter]
+                out[f"{prefix}{e}.up_proj.weight"] = gate_up[e, inter:]
+                out[f"{prefix}{e}.down_proj.weight"] = down[e]
+            continue
+        for name in _own_tensors(sub):
+            value = read(prefix + name)
+            out[prefix + name] = value + sub.offset if isinstance(sub, RMSNorm) and sub.offset and name == "weight" else value
+    return out

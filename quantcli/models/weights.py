@@ -1,7 +1,9 @@
 """Weights an artifact or a packed checkpoint puts into a model: codes, fp overrides, activation hooks.
 
 ``quantized.safetensors`` holds, per quantized linear ``name``, ``name.qweight`` (integer codes
-``[out, in]`` as uint8), ``name.scales`` and ``name.zeros`` (``[out, in // group]``) and, under
+``[out, in]``; since schema 2 codes of under 8 bits are packed along ``in`` into int32 words,
+``[out, ceil(in·bits/32)]`` (:func:`quantcli.quant.bits.pack_int32`), with ``name.qshape`` =
+``[out, in, bits]``; schema 1 stored one uint8 per code), ``name.scales`` and ``name.zeros`` (``[out, in // group]``) and, under
 act-order, ``name.g_idx`` (``[in]``). ``overrides.safetensors`` holds full-precision parameters
 a stage changed (full names, e.g. ``model.layers.0.input_layernorm.weight``).
 """
@@ -14,6 +16,7 @@ from torch import nn
 from quantcli.artifact import Artifact
 from quantcli.errors import ArtifactError
 from quantcli.quant import QuantizedWeight, fake_quantize_activation
+from quantcli.quant.bits import pack_int32, unpack_int32
 
 QUANTIZED_FILE = "quantized.safetensors"
 OVERRIDES_FILE = "overrides.safetensors"
@@ -29,17 +32,25 @@ def read_quantized(artifact: Artifact) -> dict[str, QuantizedWeight]:
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
             codes, scale = tensors[key], tensors[f"{name}.scales"]
+            if f"{name}.qshape" in tensors:  # packed (schema 2)
+                _, length, bits = (int(v) for v in tensors[f"{name}.qshape"])
+                codes = unpack_int32(codes, bits, length)
             g_idx = tensors.get(f"{name}.g_idx")
             group = codes.shape[1] // scale.shape[1]
             out[name] = QuantizedWeight(codes, scale.float(), tensors[f"{name}.zeros"].float(), group, g_idx)
     return out
 
 
-def quantized_payload(quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`read_quantized`: the tensors of ``quantized.safetensors``."""
+def quantized_payload(quantized: dict[str, QuantizedWeight], bits: int = 8) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`read_quantized`: the tensors of ``quantized.safetensors``; codes of
+    ``bits < 8`` are packed into int32 words."""
     payload: dict[str, torch.Tensor] = {}
     for name, qw in quantized.items():
-        payload[f"{name}.qweight"] = qw.codes.to(torch.uint8)
+        if bits < 8:
+            payload[f"{name}.qweight"] = pack_int32(qw.codes, bits)
+            payload[f"{name}.qshape"] = torch.tensor([*qw.codes.shape, bits], dtype=torch.int32)
+        else:
+            payload[f"{name}.qweight"] = qw.codes.to(torch.uint8)
         payload[f"{name}.scales"] = qw.scale.float()
         payload[f"{name}.zeros"] = qw.zero.round().to(torch.uint8)
         if qw.g_idx is not None:

@@ -6,7 +6,7 @@ config.json; the reader ``unpack_<format>(tensors, quantization_config)`` invert
 (codes, zeros and g_idx bit for bit; scales up to the format's scale dtype).
 
 Layouts, for a linear with weight ``[out, in]``, ``G`` groups and ``b`` bits (see
-:mod:`quantcli.pack.bits` for the word layout):
+:mod:`quantcli.quant.bits` for the word layout):
 
 compressed-tensors ``pack-quantized`` (weight-only, or int weights below 8 bits with int activations)
     ``weight_packed``  int32 ``[out, ceil(in·b/32)]``    codes packed along ``in``
@@ -51,7 +51,7 @@ from torch import Tensor
 
 from quantcli import __version__
 from quantcli.errors import ArtifactError, InputError, SpecError
-from quantcli.pack.bits import pack_int32, pack_int32_awq, unpack_int32, unpack_int32_awq
+from quantcli.quant.bits import pack_int32, pack_int32_awq, unpack_int32, unpack_int32_awq
 from quantcli.quant.affine import QuantizedWeight
 from quantcli.quant.spec import QuantSpec
 

@@ -53,6 +53,11 @@ def pack_int32(codes: Tensor, bits: int, dim: int = -1) -> Tensor:
     if x.numel() and (x.min() < 0 or x.max() >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits: [{int(x.min())}, {int(x.max())}]")
     n = x.shape[-1]
+    if 32 % bits == 0:  # whole codes per word: one vectorised shift-and-sum (same layout, much faster)
+        per = 32 // bits
+        x = torch.nn.functional.pad(x, (0, -n % per)).reshape(*x.shape[:-1], -1, per)
+        shifts = torch.arange(0, 32, bits, device=x.device)
+        return _to_int32((x << shifts).sum(-1)).movedim(-1, dim).contiguous()
     blocks = math.ceil(n / 32)
     x = torch.nn.functional.pad(x, (0, blocks * 32 - n)).reshape(*x.shape[:-1], blocks, 32)
     words = torch.zeros(*x.shape[:-1], bits, dtype=torch.int64, device=x.device)
@@ -74,6 +79,10 @@ def unpack_int32(words: Tensor, bits: int, length: int, dim: int = -1) -> Tensor
     w = words.movedim(dim, -1).to(torch.int64) & _MASK32
     if w.shape[-1] != packed_length(length, bits):
         raise ValueError(f"{w.shape[-1]} words cannot hold exactly {length} codes of {bits} bits")
+    if 32 % bits == 0:
+        shifts = torch.arange(0, 32, bits, device=w.device)
+        codes = ((w.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(*w.shape[:-1], -1)[..., :length]
+        return codes.to(torch.uint8).movedim(-1, dim).contiguous()
     blocks = math.ceil(length / 32)
     w = torch.nn.functional.pad(w, (0, blocks * bits - w.shape[-1])).reshape(*w.shape[:-1], blocks, bits)
     codes = torch.empty(*w.shape[:-1], 32, dtype=torch.int64, device=w.device)

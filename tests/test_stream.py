@@ -1,0 +1,111 @@
+"""Streaming: layers read from safetensors shards one at a time equal the eagerly loaded ones."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_models
+from quantcli.algos.driver import ActivationStore, run_blockwise
+from quantcli.algos.gptq import GPTQ, GPTQParams
+from quantcli.models.canonical import canonical_tensors, canonicalize, hf_state_dict
+from quantcli.models.stream import INDEX_FILE, StreamedModel, can_stream
+from quantcli.quant import QuantSpec
+
+DENSE = ["LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"]
+
+
+def _save(arch, root, shard):
+    model = tiny_models()[arch]().to(torch.bfloat16)
+    out = root / ("sharded" if shard else "single")
+    model.save_pretrained(out, max_shard_size="50KB" if shard else "1GB")
+    return out
+
+
+@pytest.mark.parametrize("arch", DENSE)
+def test_streamed_layers_equal_eager(arch, tmp_path):
+    sharded = _save(arch, tmp_path, shard=True)
+    assert (sharded / INDEX_FILE).is_file() and len(list(sharded.glob("*.safetensors"))) > 1
+    from transformers import AutoModelForCausalLM
+
+    eager = canonicalize(AutoModelForCausalLM.from_pretrained(str(sharded), dtype=torch.float32)).eval()
+    streamed = StreamedModel(sharded)
+    assert all(p.is_meta for p in streamed.model.parameters())  # nothing read yet
+    for i in range(len(streamed.layers)):
+        layer = streamed.onload_layer(i, "cpu")
+        ref, got = eager.model.layers[i].state_dict(), layer.state_dict()
+        assert ref.keys() == got.keys()
+        for key in ref:
+            assert got[key].dtype == torch.float32 and torch.equal(ref[key], got[key]), key
+        streamed.offload_layer(i)
+        assert all(p.is_meta for p in layer.parameters())
+    streamed.onload("", "cpu")
+    ids = torch.randint(0, 128, (2, 12))
+    assert torch.equal(streamed.model(ids).logits, eager(ids).logits)
+
+
+def test_sharded_bf16_streams_like_unsharded_through_the_driver(tmp_path):
+    """GPTQ over the streamed sharded checkpoint gives the codes of GPTQ over the eager unsharded one."""
+    sharded, single = _save("LlamaForCausalLM", tmp_path, True), _save("LlamaForCausalLM", tmp_path, False)
+    from transformers import AutoModelForCausalLM
+
+    eager = canonicalize(AutoModelForCausalLM.from_pretrained(str(single), dtype=torch.float32)).eval()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(wbits=4, group=32)
+    algo = GPTQ(GPTQParams())
+    ref = run_blockwise(eager, ids, algo, spec, torch.device("cpu"), batch=2)
+    got = run_blockwise(StreamedModel(sharded), ids, algo, spec, torch.device("cpu"), batch=2)
+    assert ref.quantized.keys() == got.quantized.keys() and len(ref.quantized) == 14
+    for name, qw in ref.quantized.items():
+        assert torch.equal(qw.codes, got.quantized[name].codes), name
+        assert torch.equal(qw.scale, got.quantized[name].scale), name
+    assert [m["loss"] for m in ref.layers] == [m["loss"] for m in got.layers]
+
+    on_disk = run_blockwise(StreamedModel(sharded), ids, algo, spec, torch.device("cpu"), batch=2, acts=ActivationStore(tmp_path / "acts"))
+    assert all(torch.equal(qw.codes, on_disk.quantized[name].codes) for name, qw in ref.quantized.items())
+    assert [m["loss"] for m in ref.layers] == [m["loss"] for m in on_disk.layers]
+    assert not list((tmp_path / "acts").iterdir())  # the streams' files are unlinked as soon as mapped
+
+
+@pytest.mark.parametrize("arch", ["Gemma3ForCausalLM", "Qwen3MoeForCausalLM"])
+def test_canonical_tensors_per_layer_invert_hf_layout(arch):
+    """One layer's HF tensors (offset norms, fused 3-D experts) → its canonical tensors."""
+    original = tiny_models()[arch]()
+    canonical = canonicalize(copy.deepcopy(original))
+    hf = hf_state_dict(canonical)
+    layer = canonical.model.layers[1]
+    got = canonical_tensors(layer, lambda rel: hf[f"model.layers.1.{rel}"])
+    ref = layer.state_dict()
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+
+
+def test_moe_checkpoint_with_renamed_experts_is_not_streamed(tmp_path):
+    """Mixtral's checkpoint names experts w1/w2/w3: streaming refuses, the loader falls back to eager."""
+    assert not can_stream(_save("MixtralForCausalLM", tmp_path, True))
+    assert can_stream(_save("LlamaForCausalLM", tmp_path / "llama", True))
+
+
+@pytest.mark.parametrize("stage", ["rtn", "awq"])
+def test_eval_ppl_layer_by_layer_equals_eager(stage, tiny_model_dir, tmp_path):
+    """Perplexity of an artifact streamed and replayed layer by layer = the eagerly materialised one."""
+    from typer.testing import CliRunner
+
+    from quantcli.calib.data import tokenize
+    from quantcli.cli.app import app
+    from quantcli.eval.ppl import perplexity, perplexity_streamed
+    from quantcli.loading import load_input
+
+    text = tiny_model_dir.parent / "text.txt"
+    out = tmp_path / stage
+    calib = ["--dataset", str(text), "--nsamples", "4", "--seqlen", "32"] if stage == "awq" else []
+    result = CliRunner().invoke(app, [stage, str(tiny_model_dir), "--w4", "--group", "32", *calib, "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    eager, streamed = load_input(str(out)), load_input(str(out), stream=True)
+    assert eager.stream is None and streamed.stream is not None
+    tokens = tokenize(eager.tokenizer, text.read_text())
+    ref = perplexity(eager.model, tokens, 32, 6)
+    got = perplexity_streamed(streamed.stream, tokens, 32, 6, batch=4)
+    base = perplexity(load_input(str(tiny_model_dir)).model, tokens, 32, 6)
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-5) and abs(ref["ppl"] - base["ppl"]) > 1e-3
