@@ -116,7 +116,7 @@ def _hub(label: str, ds: HubDataset, split: str) -> Texts:
         data = datasets.load_dataset(ds.path, ds.name, split=hub_split, data_files=files)
     except Exception as exc:  # datasets raises many kinds when offline or uncached
         raise DatasetError(
-            f"dataset {label} ({ds.path}) is not in the local Hugging Face cache and nothing is downloaded: pass a local .txt/.jsonl/.parquet file or folder as --dataset, "
+            f"dataset {label} ({ds.path}) is not available offline (not in the Hugging Face cache; nothing is downloaded): pass a local .txt/.jsonl/.parquet file or folder as --dataset, "
             f"warm the cache (HF_HOME), or set QUANTCLI_ALLOW_DOWNLOAD=1 on a machine with internet"
         ) from None
     texts = [t for t in data[ds.column] if t is not None]

@@ -28,9 +28,9 @@ def cache_dir() -> Path:
 
 def quiet_hub() -> None:
     """Nothing is downloaded at run time unless the user allows it."""
-    from quantcli.calib.data import hub_offline
-
-    hub_offline()
+    if os.environ.get("QUANTCLI_ALLOW_DOWNLOAD") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers
