@@ -19,7 +19,7 @@ from quantcli import dist
 from quantcli.algos.driver import ActivationStore, LayerAlgo, LayerEvent, resolve_device, run_blockwise
 from quantcli.algos.parent import Upstream, no_upstream
 from quantcli.artifact import Artifact, Manifest, check_output_free, is_artifact, open_artifact, write_artifact
-from quantcli.calib.data import BUILTIN, calibration_blocks, load_texts
+from quantcli.calib.data import BUILTIN, bos_token, calibration_blocks, load_texts
 from quantcli.errors import ArtifactError, InputError
 from quantcli.loading import Loaded
 from quantcli.models.arch import arch_spec, decoder_layers
@@ -58,6 +58,7 @@ class CalibParams:
     nsamples: int = 128
     seqlen: int | None = None
     seed: int = 0
+    bos: str = "auto"  # auto | always | never: a BOS token at position 0 of every block (calib.data.bos_token)
 
     def for_model(self, model) -> "CalibParams":
         return self if self.seqlen is not None else replace(self, seqlen=default_seqlen(model))
@@ -98,11 +99,16 @@ def ids_digest(ids: torch.Tensor) -> str:
 
 
 def make_calibration(loaded: Loaded, params: CalibParams) -> Calibration:
-    """Seeded calibration blocks ``[N, L]`` for ``loaded``'s tokenizer and a record of where they came from."""
+    """Seeded calibration blocks ``[N, L]`` for ``loaded``'s tokenizer and a record of where they came from.
+
+    The record holds the params (``bos`` as asked) and ``bos_token_id``, what it resolved to for
+    this tokenizer (None: no BOS in the blocks).
+    """
     params = params.for_model(loaded.model)
+    bos = bos_token(loaded.tokenizer, params.bos)
     texts = load_texts(params.dataset, "train")
-    ids = calibration_blocks(loaded.tokenizer, texts, params.nsamples, params.seqlen, params.seed)
-    return Calibration(ids, {**asdict(params), "source": texts.source, "ids_sha256": ids_digest(ids)})
+    ids = calibration_blocks(loaded.tokenizer, texts, params.nsamples, params.seqlen, params.seed, bos)
+    return Calibration(ids, {**asdict(params), "bos_token_id": bos, "source": texts.source, "ids_sha256": ids_digest(ids)})
 
 
 def write_calibration(loaded: Loaded, params: CalibParams, out: Path, force: bool) -> Artifact:

@@ -90,3 +90,15 @@ def tiny_models():
             T.Qwen3MoeConfig, "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
         ),
     }
+
+
+def bos_char_tokenizer(text: str):
+    """:func:`char_tokenizer` with a ``[BOS]`` token that it puts in front of every encoding, as Gemma's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = char_tokenizer(text).backend_tokenizer
+    bos = backend.get_vocab_size()
+    backend.add_special_tokens(["[BOS]"])
+    backend.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]")

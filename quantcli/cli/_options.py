@@ -26,6 +26,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from quantcli.calib.data import BOS_MODES
 from quantcli.errors import InputError, SpecError
 from quantcli.quant import QuantSpec
 from quantcli.stage import DEFAULT_SEQLEN, CalibParams, RunParams
@@ -110,6 +111,17 @@ StageNSamples = Annotated[Optional[int], typer.Option("--nsamples", help="Calibr
 StageSeed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling the blocks.", show_default=f"{CalibParams.seed}, {_INHERITED}")]
 
 
+def _bos_mode(value: str | None) -> str | None:
+    if value is not None and value not in BOS_MODES:
+        raise typer.BadParameter(f"use one of {', '.join(BOS_MODES)}")
+    return value
+
+
+BOS_HELP = "BOS token at the head of every block/window: auto (when the tokenizer adds one by default, e.g. Gemma's), always or never."
+Bos = Annotated[str, typer.Option("--bos", help=BOS_HELP, callback=_bos_mode)]
+StageBos = Annotated[Optional[str], typer.Option("--bos", help=BOS_HELP, callback=_bos_mode, show_default=f"{CalibParams.bos}, {_INHERITED}")]
+
+
 # --------------------------------------------------------------------------- option groups
 
 
@@ -181,6 +193,7 @@ class CalibArgs:
     nsamples: StageNSamples = None
     seqlen: SeqLen = None
     seed: StageSeed = None
+    bos: StageBos = None
 
     @property
     def given(self) -> bool:

@@ -24,6 +24,7 @@ def calibrate_command(
     nsamples: opt.NSamples = CalibParams.nsamples,
     seqlen: opt.SeqLen = None,
     seed: opt.Seed = CalibParams.seed,
+    bos: opt.Bos = CalibParams.bos,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -31,8 +32,8 @@ def calibrate_command(
     source = opt.input_or_stdin(input)
     with status("loading tokenizer", quiet):
         loaded = load_input(source, quantized=False, stream=True)  # only the tokenizer and config are needed
-    artifact = write_calibration(loaded, CalibParams(dataset, nsamples, seqlen, seed), output, force)
+    artifact = write_calibration(loaded, CalibParams(dataset, nsamples, seqlen, seed, bos), output, force)
     if not quiet:
         recorded = artifact.manifest.params
-        err.print(f"calibration: {recorded['nsamples']} × {recorded['seqlen']} tokens from {dataset} (seed {seed})")
+        err.print(f"calibration: {recorded['nsamples']} × {recorded['seqlen']} tokens from {dataset} (seed {seed}, {'no BOS' if recorded['bos_token_id'] is None else 'BOS first'})")
     emit(str(artifact.path))

@@ -9,7 +9,7 @@ import typer
 
 from quantcli.algos.driver import resolve_device
 from quantcli.bench.run import describe_input
-from quantcli.calib.data import load_texts, tokenize
+from quantcli.calib.data import bos_token, load_texts, tokenize
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
 from quantcli.eval.ppl import perplexity, perplexity_streamed
@@ -31,6 +31,7 @@ def eval_ppl_command(
     dataset: opt.Dataset = "builtin",
     seqlen: opt.SeqLen = None,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Evaluate only the first N windows.", min=1)] = None,
+    bos: opt.Bos = "auto",
     device: opt.Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: opt.Quiet = False,
@@ -40,13 +41,14 @@ def eval_ppl_command(
     texts = load_texts(dataset, "test")
     with status("loading model", quiet):
         loaded = load_input(source, device=str(resolve_device(device)), stream=True)
+    bos_id = bos_token(loaded.tokenizer, bos)
     tokens = tokenize(loaded.tokenizer, texts.joined())
     seqlen = seqlen or default_seqlen(loaded.model)
     with status("evaluating", quiet):
         if loaded.stream is not None:  # layer by layer from the shards: one layer in memory
-            result = perplexity_streamed(loaded.stream, tokens, seqlen, max_windows, resolve_device(device))
+            result = perplexity_streamed(loaded.stream, tokens, seqlen, max_windows, resolve_device(device), bos_id)
         else:
-            result = perplexity(loaded.model, tokens, seqlen, max_windows)
+            result = perplexity(loaded.model, tokens, seqlen, max_windows, bos_id)
     record = {
         **result,
         "model": source or "default",
@@ -56,14 +58,17 @@ def eval_ppl_command(
         "text_sha256": texts.source["sha256"],
         "dtype": str(loaded.stream.dtype if loaded.stream else next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "device": str(resolve_device(device) if loaded.stream else next(loaded.model.parameters()).device),
-        "protocol": "gptq: test split joined with \\n\\n, non-overlapping windows, exp(mean window NLL)",
+        "bos": bos,
+        "protocol": "gptq: test split joined with \\n\\n, non-overlapping windows, exp(mean window NLL)"
+        + ("" if bos_id is None else "; each window = BOS + seqlen-1 text tokens, BOS not scored"),
     }
     if as_json:
         emit(json.dumps(record))
     else:
         if not quiet:
             err.print(
-                f"{record['dataset']} ({record['split']}): {record['windows']} windows × {seqlen} tokens, "
+                f"{record['dataset']} ({record['split']}): {record['windows']} windows × {seqlen} tokens"
+                f"{'' if bos_id is None else ' (BOS first)'}, "
                 f"{record['seconds']}s"
             )
         emit(f"{record['ppl']:.4f}")

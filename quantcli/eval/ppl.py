@@ -1,9 +1,15 @@
-"""Perplexity under the GPTQ protocol.
+"""Perplexity under the GPTQ protocol, with an optional BOS token at the head of every window.
 
-The test texts are joined with ``"\\n\\n"`` and tokenized once; the token stream is cut into
-non-overlapping windows of ``seqlen`` tokens (the tail shorter than a window is dropped); each
-window's mean next-token negative log-likelihood is computed, and the perplexity is
-``exp(mean over windows)``.
+The test texts are joined with ``"\\n\\n"`` and tokenized once, text tokens only (no special
+tokens). Without BOS (the GPTQ papers' protocol, ``bos=None``) the token stream is cut into
+non-overlapping windows of ``seqlen`` tokens; with BOS, into non-overlapping chunks of
+``seqlen - 1`` tokens, each window being ``[bos] + chunk`` (``seqlen`` tokens). A tail shorter
+than a window is dropped. Every window scores ``seqlen - 1`` next-token predictions: positions
+``1 .. seqlen-1`` given everything before them. The BOS position is never a target (it is only
+context), so with BOS every text token of the window is scored; without, the window's first
+token is context only. Each window's mean negative log-likelihood is computed in float32, and
+the perplexity is ``exp(mean over windows)`` — the same number as
+``exp(mean(model(window, labels=window).loss))`` over the same windows.
 """
 
 from __future__ import annotations
@@ -17,22 +23,24 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from quantcli import dist
+from quantcli.calib.data import with_bos
 from quantcli.errors import DatasetError
 
 
-def windows(tokens: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
-    """Non-overlapping windows ``[W, seqlen]`` of a token stream ``tokens: [T]``."""
-    count = tokens.numel() // seqlen
+def windows(tokens: Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None) -> Tensor:
+    """Non-overlapping windows ``[W, seqlen]`` of a token stream ``tokens: [T]``, each led by ``bos`` if given."""
+    span = seqlen - (bos is not None)
+    count = tokens.numel() // span
     if count == 0:
         raise DatasetError(f"the evaluation text has {tokens.numel()} tokens, fewer than --seqlen {seqlen}: lower --seqlen")
     if max_windows is not None:
         count = min(count, max_windows)
-    return tokens[: count * seqlen].view(count, seqlen)
+    return with_bos(tokens[: count * span].view(count, span), bos)
 
 
 @torch.no_grad()
 def window_nll(model: nn.Module, window: Tensor) -> float:
-    """Mean next-token negative log-likelihood of one window ``[L]`` (float32 loss)."""
+    """Mean next-token negative log-likelihood of one window ``[L]`` over its ``L - 1`` targets (float32 loss)."""
     device = next(model.parameters()).device
     ids = window.view(1, -1).to(device)
     logits = model(ids, use_cache=False).logits[0, :-1].float()
@@ -44,10 +52,11 @@ def perplexity(
     tokens: Tensor,
     seqlen: int,
     max_windows: int | None = None,
+    bos: int | None = None,
     on_window: Callable[[int, int, float], None] = lambda _i, _n, _nll: None,
 ) -> dict:
-    """Perplexity of ``model`` on ``tokens: [T]`` and the protocol that produced it."""
-    all_wins = windows(tokens, seqlen, max_windows)
+    """Perplexity of ``model`` on ``tokens: [T]`` (text tokens) and the protocol that produced it."""
+    all_wins = windows(tokens, seqlen, max_windows, bos)
     wins = dist.shard(all_wins)  # this rank's windows (all of them on one process)
     started = time.time()
     nlls = []
@@ -62,19 +71,23 @@ def perplexity(
         "windows": len(all_wins),
         "seqlen": seqlen,
         "tokens": int(all_wins.numel()),
+        "scored_tokens": len(all_wins) * (seqlen - 1),
+        "bos_token_id": bos,
         "seconds": round(time.time() - started, 2),
     }
 
 
 @torch.no_grad()
-def perplexity_streamed(source, tokens: Tensor, seqlen: int, max_windows: int | None = None, device="cpu", batch: int = 8) -> dict:
+def perplexity_streamed(
+    source, tokens: Tensor, seqlen: int, max_windows: int | None = None, device="cpu", bos: int | None = None, batch: int = 8
+) -> dict:
     """:func:`perplexity` of a streamed model (:class:`quantcli.models.stream.StreamedModel`),
     layer by layer as the GPTQ reference evaluation does: every window through layer ``i``, then
     layer ``i + 1``, so only one layer (and the windows' hidden states) is in memory at a time."""
     from quantcli.calib.capture import capture_layer_inputs
     from quantcli.models.stream import to_device
 
-    wins = windows(tokens, seqlen, max_windows)
+    wins = windows(tokens, seqlen, max_windows, bos)
     started = time.time()
     with source.outside_layers(device) as outer:
         hidden, layer_kwargs = capture_layer_inputs(outer, source.layers, wins, batch)
@@ -97,5 +110,6 @@ def perplexity_streamed(source, tokens: Tensor, seqlen: int, max_windows: int | 
     mean_nll = sum(nlls) / len(nlls)
     return {
         "ppl": math.exp(mean_nll), "nll": mean_nll, "windows": len(wins), "seqlen": seqlen,
-        "tokens": int(wins.numel()), "seconds": round(time.time() - started, 2), "layer_by_layer": True,
+        "tokens": int(wins.numel()), "scored_tokens": len(wins) * (seqlen - 1), "bos_token_id": bos,
+        "seconds": round(time.time() - started, 2), "layer_by_layer": True,
     }
