@@ -2,7 +2,8 @@
 
 ``quantized.safetensors`` holds, per quantized linear ``name``, ``name.qweight`` (integer codes
 ``[out, in]`` as uint8), ``name.scales`` and ``name.zeros`` (``[out, in // group]``) and, under
-act-order, ``name.g_idx`` (``[in]``). ``overrides.safetensors`` holds full-precision parameters
+act-order, ``name.g_idx`` (``[in]``); under ``act_static`` also ``name.input_scale`` and
+``name.input_zero`` (per-tensor activation scale and unsigned zero, scalars). ``overrides.safetensors`` holds full-precision parameters
 a stage changed (full names, e.g. ``model.layers.0.input_layernorm.weight``).
 """
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from quantcli.artifact import Artifact
 from quantcli.errors import ArtifactError
+from quantcli.models.act_hooks import INPUT_SCALE, INPUT_ZERO
 from quantcli.quant import QuantizedWeight, fake_quantize_activation
 
 QUANTIZED_FILE = "quantized.safetensors"
@@ -33,6 +35,13 @@ def read_quantized(artifact: Artifact) -> dict[str, QuantizedWeight]:
             group = codes.shape[1] // scale.shape[1]
             out[name] = QuantizedWeight(codes, scale.float(), tensors[f"{name}.zeros"].float(), group, g_idx)
     return out
+
+
+def read_act_qparams(artifact: Artifact) -> dict[str, torch.Tensor]:
+    """The artifact's calibrated static activation scales: ``"<name>.input_scale"`` / ``".input_zero"`` (may be empty)."""
+    if not artifact.has(QUANTIZED_FILE):
+        return {}
+    return {k: v for k, v in artifact.tensors(QUANTIZED_FILE).items() if k.endswith((INPUT_SCALE, INPUT_ZERO))}
 
 
 def quantized_payload(quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
