@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from quantcli import dist
 from quantcli.algos.awq import replay_awq_layer
 from quantcli.algos.driver import LayerContext, LayerResult, layer_forward
 from quantcli.algos.omniquant.train import input_absmax  # max_t |x_tj| of named linears' inputs over ctx
@@ -110,7 +111,7 @@ def smooth_layer(
 
 @torch.no_grad()
 def quantized_block_loss(layer: nn.Module, arch: ArchSpec, spec: QuantSpec, x: Tensor, targets: Tensor, kwargs: dict, device, batch: int) -> float:
-    """``‖B_Q(x) − targets‖² / numel``: ``layer`` with its linears RTN-quantized under ``spec`` and
+    """``‖B_Q(x) − targets‖² / numel`` over all ranks' tokens: ``layer`` with its linears RTN-quantized under ``spec`` and
     their inputs (and the KV cache) fake-quantized as ``spec`` says, on ``x: [N, L, H]``. ``layer`` is left unchanged."""
     block = copy.deepcopy(layer)
     names = [n for stage in quantizable_linears(block, arch) for n in stage]
@@ -126,7 +127,7 @@ def quantized_block_loss(layer: nn.Module, arch: ArchSpec, spec: QuantSpec, x: T
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.mean((out.float() - targets.float()) ** 2).item()
+    return dist.all_mean(torch.mean((out.float() - targets.float()) ** 2).item(), out.numel())  # every rank: the same loss, so the same α
 
 
 @dataclass(frozen=True)

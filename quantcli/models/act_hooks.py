@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from quantcli import dist
 from quantcli.quant.act import fake_quant_per_token, fake_quant_with, observe_range, static_qparams
 from quantcli.quant.spec import QuantSpec
 
@@ -50,7 +51,8 @@ def install_linear_act_quant(
 
 @torch.no_grad()
 def calibrate_static_inputs(module: nn.Module, names: list[str], spec: QuantSpec, run) -> dict[str, Tensor]:
-    """Per-tensor ``input_scale`` / ``input_zero`` of each named linear's input over ``run()`` (a forward)."""
+    """Per-tensor ``input_scale`` / ``input_zero`` of each named linear's input over ``run()`` (a forward;
+    under torch.distributed, over every rank's calibration shard)."""
     ranges: dict[str, tuple[Tensor, Tensor]] = {}
 
     def observer(name):
@@ -69,6 +71,7 @@ def calibrate_static_inputs(module: nn.Module, names: list[str], spec: QuantSpec
     out = {}
     for name in names:
         hi, lo = ranges.get(name, (torch.zeros(()), torch.zeros(())))
+        hi, lo = dist.all_max(hi), -dist.all_max(-lo)  # the range over every rank's tokens: one scale for all
         scale, zero = static_qparams((hi, lo), spec.abits, spec.act_sym)
         out[f"{name}.{INPUT_SCALE}"], out[f"{name}.{INPUT_ZERO}"] = scale.cpu(), zero.cpu()
     return out
