@@ -1,4 +1,4 @@
-"""Weights an artifact or a packed checkpoint puts into a model: codes, fp overrides, activation hooks.
+"""Weights an artifact or a packed checkpoint puts into a model: codes, fp overrides, static activation scales.
 
 ``quantized.safetensors`` holds, per quantized linear ``name``, ``name.qweight`` (integer codes
 ``[out, in]`` as uint8), ``name.scales`` and ``name.zeros`` (``[out, in // group]``) and, under
@@ -15,7 +15,7 @@ from torch import nn
 from quantcli.artifact import Artifact
 from quantcli.errors import ArtifactError
 from quantcli.models.act_hooks import INPUT_SCALE, INPUT_ZERO
-from quantcli.quant import QuantizedWeight, fake_quantize_activation
+from quantcli.quant import QuantizedWeight
 
 QUANTIZED_FILE = "quantized.safetensors"
 OVERRIDES_FILE = "overrides.safetensors"
@@ -78,15 +78,3 @@ def apply_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> 
     """Put each quantized linear's dequantized weight (names relative to ``model``) into it."""
     for name, qw in quantized.items():
         set_weight(model, name, qw.dequantize())
-
-
-def install_activation_quant(model: nn.Module, names: list[str], abits: int) -> list:
-    """Per-token dynamic fake quantization of the input of every named linear; the hook handles."""
-    if abits >= 16:
-        return []
-    return [
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda _mod, args: (fake_quantize_activation(args[0], abits),) + tuple(args[1:])
-        )
-        for name in names
-    ]
