@@ -27,9 +27,9 @@ from quantcli.artifact import Artifact, BaseModelRef, is_artifact, open_artifact
 from quantcli.errors import ArtifactError, InputError
 from quantcli.models.arch import arch_spec, architecture_name, decoder_layers
 from quantcli.models.load import base_ref, config_hash, load_base, quiet_hub, resolve_base_dir
-from quantcli.models.act_hooks import INPUT_SCALE, INPUT_ZERO, install_spec_hooks
+from quantcli.models.act_hooks import install_spec_hooks
 from quantcli.models.stream import StreamedModel, can_stream
-from quantcli.models.weights import QUANTIZED_FILE, apply_quantized, read_quantized
+from quantcli.models.weights import apply_quantized, read_act_qparams, read_quantized
 from quantcli.pack.load import load_packed
 from quantcli.quant import QuantizedWeight, QuantSpec
 
@@ -136,9 +136,7 @@ def _rebuild(artifact: Artifact, quantized: bool, stream: bool = False) -> tuple
         replay_lineage(model, stages, codes)
     spec = spec_of(artifact)
     if quantized and spec is not None:
-        static = None
-        if spec.act_static:  # calibrated per-tensor input scales stored beside the codes
-            static = {k: v for k, v in artifact.tensors(QUANTIZED_FILE).items() if k.endswith((INPUT_SCALE, INPUT_ZERO))}
+        static = read_act_qparams(artifact) if spec.act_static else None  # calibrated per-tensor input scales
         install_spec_hooks(model, sorted(codes), spec, static)
     return model, tokenizer, codes, streamed
 

@@ -203,3 +203,64 @@ def test_cli_w8a8_static_then_eval_and_bench(tiny_model_dir, tmp_path):
     assert any("static activation scales" in n for n in record["notes"])
     conflict = quant("rtn", tiny_model_dir, "--w8a8", "--w4", "-o", tmp_path / "x")
     assert conflict.exit_code != 0 and "--w8a8 sets the weight bits" in conflict.stderr
+
+
+# ------------------------------------------------------------------------------ searches quantize as evaluation does
+
+
+def _spy_linear(linear: torch.nn.Module) -> tuple[list, list, list]:
+    """Record a linear's raw input (a pre-hook registered before the search's own) and the input it
+    finally computes with (a forward hook, after every pre-hook)."""
+    raw, seen = [], []
+    handles = [
+        linear.register_forward_pre_hook(lambda _m, args: raw.append(args[0].detach().clone())),
+        linear.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone())),
+    ]
+    return raw, seen, handles
+
+
+@pytest.mark.parametrize("act_sym", [True, False])
+def test_awq_search_quantizes_activations_with_the_spec_quantizer(act_sym):
+    """AWQ's scale search scores candidates with the spec's activation quantizer (symmetric under
+    --act-sym); catches the search's own asymmetric per-token quantizer ignoring ``act_sym``."""
+    from quantcli.algos.awq import AWQParams, search_scale
+    from quantcli.models.arch import ScalingGroup
+
+    torch.manual_seed(0)
+    layer = torch.nn.Module()
+    layer.block = torch.nn.Module()
+    layer.block.norm = torch.nn.Module()
+    layer.block.norm.weight = torch.nn.Parameter(torch.ones(64))
+    layer.block.a = torch.nn.Linear(64, 32, bias=False)
+    layer.block.forward = lambda x: layer.block.a(x)
+    x = torch.randn(256, 64) + 0.5  # off-centre: asymmetric and symmetric codes differ
+    raw, seen, handles = _spy_linear(layer.block.a)
+    spec = QuantSpec(4, 32, abits=8, act_sym=act_sym)
+    search_scale(layer, ScalingGroup("toy", "block.norm", ("block.a",), "block"), ["block.a"], x, {}, spec, AWQParams(n_grid=2), "cpu", 4096)
+    for h in handles:
+        h.remove()
+    # the first candidate is s = 1: the linear sees Q_a(x) exactly
+    assert torch.equal(seen[1], fake_quant_per_token(raw[1], 8, act_sym))
+    assert not torch.equal(seen[1], fake_quant_per_token(raw[1], 8, not act_sym))
+
+
+def test_omniquant_trains_through_the_spec_quantizer():
+    """OmniQuant's training loss sees symmetric activations under --act-sym (and the KV cache quantized
+    under --kv-bits); catches the training hooks ignoring ``act_sym``/``kv_bits``."""
+    from test_omniquant import _layer_ctx, _tiny_llama
+
+    from quantcli.algos.omniquant import OmniQuant, OmniQuantParams
+
+    model = canonicalize(_tiny_llama())
+    spec = QuantSpec(4, 32, abits=8, act_sym=True, kv_bits=4)
+    ctx = _layer_ctx(model, 0, spec)
+    proj = ctx.module.self_attn.o_proj
+    raw, seen, handles = _spy_linear(proj)
+    attn_seen = []
+    handles.append(ctx.module.self_attn.register_forward_hook(lambda m, _a, _o: attn_seen.append(getattr(m, "quantcli_kv_bits", 16))))
+    OmniQuant(OmniQuantParams(epochs=1, batch_size=2)).run_layer(ctx)
+    for h in handles:
+        h.remove()
+    trained = [i for i, (r, s) in enumerate(zip(raw, seen)) if not torch.equal(r, s)]
+    assert trained and all(torch.equal(seen[i], fake_quant_per_token(raw[i], 8, True)) for i in trained)
+    assert 4 in attn_seen

@@ -36,13 +36,14 @@ STAGES = ("gptq", "awq", "omniquant")
 
 
 def stage_args(model: Path, text: Path, out: Path) -> list[list[str]]:
-    """The commands compared: three stages and the perplexity of the GPTQ artifact."""
+    """The commands compared: three stages, the perplexity of the GPTQ artifact, and SmoothQuant's α search."""
     calib = ["--w4", "--group", "32", "--dataset", str(text), "--nsamples", "8", "--seqlen", "64", "--device", "cpu", "-q"]
     return [
         ["gptq", str(model), *calib, "-o", str(out / "gptq")],
         ["awq", str(model), *calib, "-o", str(out / "awq")],
         ["omniquant", str(model), *calib, "--epochs", "4", "--batch-size", "2", "-o", str(out / "omniquant")],
         ["eval-ppl", str(out / "gptq"), "--dataset", str(text), "--seqlen", "32", "--max-windows", "5", "--device", "cpu", "--json", "-q"],
+        ["smooth", str(model), "--alpha", "auto", "--grid", "5", "--w8a8", "--group", "-1", "--act-static", *calib[3:], "-o", str(out / "smooth")],
     ]
 
 
@@ -114,12 +115,29 @@ def test_two_ranks_give_the_one_process_artifact(runs, stage):
 def test_two_ranks_give_the_one_process_perplexity_and_rank_0_alone_prints(runs):
     one, two, out1, launched = runs
     lines1, lines2 = out1.strip().splitlines(), launched.stdout.strip().splitlines()
-    assert len(lines2) == len(lines1) == 4, launched.stdout  # rank 1 printed nothing
+    assert len(lines2) == len(lines1) == 5, launched.stdout  # rank 1 printed nothing
     assert lines2[:3] == [str(two / s) for s in STAGES]
     ppl1, ppl2 = json.loads(lines1[3]), json.loads(lines2[3])
     assert ppl2["windows"] == ppl1["windows"] == 5 and ppl2["tokens"] == ppl1["tokens"]
     assert ppl2["ppl"] == pytest.approx(ppl1["ppl"], rel=1e-4)
     assert not [p for p in two.iterdir() if p.name.startswith(".")]  # no half-written directory
+
+
+def test_two_ranks_pick_the_one_process_alpha(runs):
+    """``smooth --alpha auto`` (W8A8 static): each candidate's block error is reduced over ranks (and
+    the static input ranges with it), so the losses, the α picked per layer and the scales are the
+    1-process ones (catches a rank choosing α on its own shard's error, or calibrating its own static scales)."""
+    from safetensors.torch import load_file
+
+    one, two, _, _ = runs
+    m1, m2 = (json.loads((d / "smooth" / "manifest.json").read_text())["metrics"]["layers"] for d in (one, two))
+    for l1, l2 in zip(m1, m2, strict=True):
+        assert l2["alpha"] == l1["alpha"]
+        assert l2["alpha_losses"] == pytest.approx(l1["alpha_losses"], rel=1e-4)
+    s1, s2 = (load_file(d / "smooth" / "smooth.safetensors") for d in (one, two))
+    assert s1.keys() == s2.keys() and s1
+    for key in s1:
+        torch.testing.assert_close(s2[key], s1[key], rtol=1e-5, atol=1e-6)
 
 
 def test_a_failing_rank_ends_both_with_one_line_naming_it(tiny_model_dir, tmp_path):

@@ -274,7 +274,7 @@ def test_cli_init_from_awq_and_let(tiny_dir):
 @pytest.mark.parametrize(
     "case, expect",
     [
-        ("kind", "not an awq one"),
+        ("kind", "not an awq or smooth one"),
         ("model", "made for another base model"),
         ("bits", "another quantization spec"),
         ("group", "another quantization spec"),

@@ -324,7 +324,8 @@ def test_write_read_packed_round_trip(tmp_path, fmt, spec, tie):
     out = write_packed(tmp_path / "packed", model, tiny_tokenizer(), quantized, spec, fmt, {"lineage": [{"kind": "rtn"}]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]  # no temporary left behind
     assert (out / "tokenizer.json").is_file()
-    config, back, fp_state = read_packed(out)
+    config, back, fp_state, act_qparams = read_packed(out)
+    assert act_qparams == {}
     assert config["quantcli"]["lineage"] == [{"kind": "rtn"}] and config["quantcli"]["format"] == fmt
     assert spec_from_config(config) == spec
     assert detect_format(config["quantization_config"]) == fmt
@@ -416,6 +417,85 @@ def test_compressed_tensors_loads_in_transformers(tmp_path, sym, tie):
     # and the packed weights really are quantized: not equal to the full-precision model's
     fp_logits = tiny_llama(tie)(ids).logits
     assert not torch.allclose(fp_logits, expected, atol=1e-4)
+
+
+W8A8_ACTS = [QuantSpec(8, -1, True, 8, act_sym=sym, act_static=static) for static in (False, True) for sym in (False, True)]
+
+
+def _w8a8_packed(tmp_path, spec: QuantSpec):
+    """A tiny Llama with W8A8 weights, its static input scales (if any) calibrated, packed; (model, scales, dir, ids)."""
+    from quantcli.models.act_hooks import calibrate_static_inputs
+
+    model = tiny_llama()
+    quantized = fake_quantize_model(model, spec)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    static = calibrate_static_inputs(model, sorted(quantized), spec, lambda: model(ids)) if spec.act_static else None
+    out = write_packed(tmp_path / "packed", model, tiny_tokenizer(), quantized, spec, "compressed-tensors", act_qparams=static)
+    return model, quantized, static, out, ids
+
+
+@pytest.mark.parametrize("spec", W8A8_ACTS, ids=lambda s: f"{'static' if s.act_static else 'dynamic'}-{'sym' if s.act_sym else 'asym'}")
+def test_w8a8_activation_scheme_round_trips(tmp_path, spec):
+    """The activation scheme and static scales come back from the checkpoint alone (quantcli's record
+    dropped); catches a hard-coded asymmetric/per-token scheme, or scales lost or offset wrongly."""
+    _, _, static, out, _ = _w8a8_packed(tmp_path, spec)
+    config, _, _, act_qparams = read_packed(out)
+    acts = config["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+    assert (acts["strategy"], acts["dynamic"], acts["symmetric"]) == (("tensor", False) if spec.act_static else ("token", True)) + (spec.act_sym,)
+    config.pop("quantcli")
+    assert spec_from_config(config) == spec
+    assert act_qparams.keys() == (static or {}).keys()
+    for key, value in act_qparams.items():
+        assert torch.equal(value, static[key].float()), key
+
+
+@pytest.mark.filterwarnings("ignore:You passed .quantization_config.")
+@pytest.mark.parametrize("spec", W8A8_ACTS, ids=lambda s: f"{'static' if s.act_static else 'dynamic'}-{'sym' if s.act_sym else 'asym'}")
+def test_w8a8_loads_in_transformers_with_our_activation_quantizer(tmp_path, spec):
+    """transformers + compressed-tensors run the packed W8A8 checkpoint with activation quantization
+    and compute exactly our fake-quant model (weights and inputs quantized as the spec says); our
+    packed loader does too. Catches the scheme or static scales written unlike what compressed-tensors reads."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from quantcli.loading import load_input
+    from quantcli.models.act_hooks import install_spec_hooks
+
+    model, quantized, static, out, ids = _w8a8_packed(tmp_path, spec)
+    with torch.no_grad():
+        weight_only = model(ids).logits
+        install_spec_hooks(model, sorted(quantized), spec, static)
+        expected = model(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+        ours = load_input(str(out)).model(ids).logits
+    assert not torch.allclose(expected, weight_only, atol=1e-4)  # the activations really are quantized
+    torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--act-static"], ["--act-sym"]], ids=["static-asym", "dynamic-sym"])
+def test_cli_pack_w8a8_evaluates_like_the_artifact(tiny_model_dir, tmp_path, flags):
+    """quant rtn --w8a8 → quant pack → eval-ppl: the packed directory's perplexity is the artifact's
+    (catches the static scales not passed from the artifact to the checkpoint, or the packed loader
+    installing another activation quantizer than the artifact's)."""
+    from typer.testing import CliRunner
+
+    from quantcli.cli.app import app
+
+    runner = CliRunner()
+    quant = lambda *a: runner.invoke(app, [str(x) for x in a])  # noqa: E731
+    text = tiny_model_dir.parent / "text.txt"
+    data = ("--dataset", text, "--nsamples", 2, "--seqlen", 32)
+    made = quant("rtn", tiny_model_dir, "--w8a8", "--group", -1, *flags, *data, "-o", tmp_path / "q", "-q")
+    assert made.exit_code == 0, made.output
+    packed = quant("pack", tmp_path / "q", "--format", "compressed-tensors", "--dtype", "float32", "-o", tmp_path / "ct", "-q")
+    assert packed.exit_code == 0, packed.output
+    ppl = {}
+    for name in ("q", "ct"):
+        res = quant("eval-ppl", tmp_path / name, "--dataset", text, "--seqlen", 32, "--max-windows", 2, "--json", "-q")
+        assert res.exit_code == 0, res.output
+        ppl[name] = json.loads(res.stdout)["ppl"]
+    assert abs(ppl["ct"] - ppl["q"]) <= 1e-3 * ppl["q"], ppl
 
 
 # --------------------------------------------------------------------------- packed MoE checkpoints

@@ -16,7 +16,6 @@ from quantcli.algos.smooth import (
     SmoothParams,
     quantized_block_loss,
     smooth_scales,
-    smoothing_upstream,
 )
 from quantcli.artifact import BaseModelRef, Manifest, open_artifact, write_artifact
 from quantcli.cli.app import app
@@ -188,15 +187,48 @@ def test_smooth_then_every_stage(smoothed, stage, flags):
     assert 0 < drift < 0.5  # quantized, and still the smoothed model's function
 
 
-def test_smoothing_upstream_for_let(smoothed):
-    """``--init-from smooth/``: LET starts from the smoothing scales, or from ones when INPUT carries them."""
-    smooth = open_artifact(smoothed / "smooth")
-    fresh, note = smoothing_upstream(smooth, None)
-    layer0 = fresh(0)
-    assert "attn_in.scales" in layer0 and not torch.allclose(layer0["attn_in.scales"], torch.ones(1))
-    assert "smoothing scales" in note
-    carried, note = smoothing_upstream(smooth, smooth)
-    assert all(torch.all(v == 1) for v in carried(0).values()) and "identity" in note
+def _let_and_smooth_scales(omni, smooth) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(LET scale, smoothing scale) per group the smooth artifact scaled, from the two payloads."""
+    let = open_artifact(omni).tensors("omniquant.safetensors")
+    scales = open_artifact(smooth).tensors(SMOOTH_FILE)
+    pairs = [(let[k.removesuffix(".scales") + ".let_scale"], v) for k, v in scales.items()]
+    assert len(pairs) >= 4
+    return pairs
+
+
+def test_omniquant_init_from_smooth_starts_let_at_the_smoothing_scales(smoothed, tiny_model_dir):
+    """Seed's "smooth + OmniQuant": at 0 epochs the saved LET scales are the smoothing scales
+    (catches LET ignoring --init-from smooth/ and starting from its own α = 0.5 init, or a refusal)."""
+    out = smoothed / "omni-init-smooth"
+    res = quant("omniquant", tiny_model_dir, "--w4", "--group", "32", "--abits", "8", "--epochs", 0,
+                "--init-from", smoothed / "smooth", "--calib", smoothed / "calib", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    init = open_artifact(out).manifest.params["init"]
+    assert init["from"] == str((smoothed / "smooth").resolve()) and init["let"] == "smooth scales"
+    for let, s in _let_and_smooth_scales(out, smoothed / "smooth"):
+        assert torch.allclose(let, s.clamp(min=let.min().item())) and not torch.allclose(s, torch.ones_like(s))
+
+
+def test_omniquant_on_smooth_input_starts_let_at_identity(smoothed):
+    """INPUT smooth/ (scales folded in already): LET starts at s = 1 on top (catches the smoothing
+    scales applied twice, or LET re-initialised from the smoothed model's statistics)."""
+    out = smoothed / "omni-on-smooth"
+    res = quant("omniquant", smoothed / "smooth", "--w4", "--group", "32", "--abits", "8", "--epochs", 0,
+                "--calib", smoothed / "calib", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    assert open_artifact(out).manifest.params["init"]["let"].startswith("identity")
+    assert all(torch.all(let == 1) for let, _ in _let_and_smooth_scales(out, smoothed / "smooth"))
+
+
+def test_omniquant_init_from_other_kinds_is_one_line(smoothed, tiny_model_dir):
+    rtn = smoothed / "smooth-rtn-for-init"
+    assert quant("rtn", tiny_model_dir, "--w4", "--group", "32", "-o", rtn, "-q").exit_code == 0
+    out = smoothed / "omni-never"
+    res = quant("omniquant", tiny_model_dir, "--w4", "--group", "32", "--epochs", 0, "--init-from", rtn,
+                "--calib", smoothed / "calib", "-o", out, "-q")
+    lines = [line for line in res.output.splitlines() if line.startswith("quant:")]
+    assert res.exit_code != 0 and len(lines) == 1 and "not an awq or smooth one" in lines[0], res.output
+    assert not out.exists()
 
 
 def test_bad_alpha_is_one_line(tiny_model_dir, tmp_path):

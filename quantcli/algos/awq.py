@@ -36,7 +36,8 @@ from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import can_fold, channel_map, fold_scales
 from quantcli.artifact import Artifact
 from quantcli.models.arch import ArchSpec, ScalingGroup, resolve_groups
-from quantcli.quant import QuantSpec, clip_range, fake_quantize_activation, quantize_weight
+from quantcli.models.act_hooks import fake_quant_input
+from quantcli.quant import QuantSpec, clip_range, quantize_weight
 from quantcli.quant.affine import grouped
 
 AWQ_FILE = "awq.safetensors"
@@ -126,8 +127,8 @@ def search_scale(
 
     current = [torch.ones(1)]  # the consumers' input scale under test
 
-    def quantize_input(_m, args):  # W-A settings: the linear sees Q_a(x / s), put back on x's scale
-        return (fake_quantize_activation(args[0] / current[0], spec.abits) * current[0],) + tuple(args[1:])
+    def quantize_input(_m, args):  # W-A settings: the linear sees Q_a(x / s) (the spec's quantizer, per token), put back on x's scale
+        return (fake_quant_input(args[0] / current[0], spec) * current[0],) + tuple(args[1:])
 
     def loss_for(s: Tensor) -> float:
         current[0] = s_in = s.view(1, -1)

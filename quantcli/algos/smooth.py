@@ -29,17 +29,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
+from quantcli import dist
 from quantcli.algos.awq import replay_awq_layer
 from quantcli.algos.driver import LayerContext, LayerResult, layer_forward
 from quantcli.algos.omniquant.train import input_absmax  # max_t |x_tj| of named linears' inputs over ctx
-from quantcli.algos.replay import layer_tensors, register_replay
+from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import channel_map, fold_scales, out_channels, to_prev
-from quantcli.artifact import Artifact
 from quantcli.models.arch import ArchSpec, ScalingGroup, quantizable_linears, resolve_groups
 from quantcli.models.act_hooks import calibrate_static_inputs, install_spec_hooks
 from quantcli.quant import QuantSpec, quantize_weight
@@ -113,7 +111,7 @@ def smooth_layer(
 
 @torch.no_grad()
 def quantized_block_loss(layer: nn.Module, arch: ArchSpec, spec: QuantSpec, x: Tensor, targets: Tensor, kwargs: dict, device, batch: int) -> float:
-    """``‖B_Q(x) − targets‖² / numel``: ``layer`` with its linears RTN-quantized under ``spec`` and
+    """``‖B_Q(x) − targets‖² / numel`` over all ranks' tokens: ``layer`` with its linears RTN-quantized under ``spec`` and
     their inputs (and the KV cache) fake-quantized as ``spec`` says, on ``x: [N, L, H]``. ``layer`` is left unchanged."""
     block = copy.deepcopy(layer)
     names = [n for stage in quantizable_linears(block, arch) for n in stage]
@@ -129,7 +127,7 @@ def quantized_block_loss(layer: nn.Module, arch: ArchSpec, spec: QuantSpec, x: T
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.mean((out.float() - targets.float()) ** 2).item()
+    return dist.all_mean(torch.mean((out.float() - targets.float()) ** 2).item(), out.numel())  # every rank: the same loss, so the same α
 
 
 @dataclass(frozen=True)
@@ -168,31 +166,9 @@ class Smooth:
         return LayerResult(saved={f"{name}.scales": s for name, s in scales.items()}, metrics=metrics)
 
 
-# ------------------------------------------------------------------------------ replay and hand-off
+# ------------------------------------------------------------------------------ replay (OmniQuant starts LET from these scales: algos.parent)
 
 
 # Replay is AWQ's: fold each layer's stored ``"<group>.scales"`` into the fresh layer.
 replay_smooth_layer = register_replay("smooth")(replay_awq_layer)
 
-
-def smoothing_upstream(
-    init_from: Artifact, input_artifact: Artifact | None = None, layers_path: str = "model.layers"
-) -> tuple[Callable[[int], dict[str, Tensor]], str]:
-    """Per-layer ``<group>.scales`` of smooth artifact ``init_from`` as a LET starting point (named as AWQ's).
-
-    When INPUT's lineage already contains ``init_from`` its scales are folded in the model the next
-    stage starts from, so the upstream scales are ones (LET starts at identity on top of them);
-    otherwise they are the smoothing scales themselves. Returns the per-layer function and a
-    one-line description for the manifest.
-    """
-    folded = input_artifact is not None and any(
-        a.path.resolve() == init_from.path.resolve() for a in input_artifact.lineage()
-    )
-    tensors = init_from.tensors(SMOOTH_FILE)
-
-    def for_layer(index: int) -> dict[str, Tensor]:
-        out = {k: v for k, v in layer_tensors(tensors, f"{layers_path}.{index}.").items() if k.endswith(".scales")}
-        return {k: torch.ones_like(v) for k, v in out.items()} if folded else out
-
-    note = "identity (s = 1): INPUT already carries the smoothing scales" if folded else f"smoothing scales of {init_from.path}"
-    return for_layer, note

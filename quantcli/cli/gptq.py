@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from quantcli.algos.gptq import GPTQ, GPTQParams
-from quantcli.algos.parent import reuse_awq
+from quantcli.algos.parent import reuse_parent
 from quantcli.cli import _options as opt
 from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
 from quantcli.cli._stage import plan_stage, run_algorithm
@@ -55,7 +55,7 @@ def gptq_command(
     plan = plan_stage("gptq", input, weights, run)
 
     def build(loaded) -> StageParams:
-        upstream, awq = reuse_awq(loaded, plan.spec)  # INPUT an AWQ artifact: its clips (scales are folded in already)
+        upstream, awq = reuse_parent(loaded, plan.spec)  # INPUT an AWQ artifact: its clips (scales are folded in already)
         if awq is not None and params.act_order and not params.static_groups and plan.spec.group != -1:
             raise SpecError(f"{awq['from']}: AWQ clip ratios belong to contiguous groups; add --static-groups to --act-order")
         return StageParams("gptq", GPTQ(params), plan.spec, asdict(params), upstream)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantcli.algos.omniquant import OmniQuant, OmniQuantParams, init_record
-from quantcli.algos.parent import open_awq, reuse_awq
+from quantcli.algos.parent import open_parent, reuse_parent
 from quantcli.cli import _options as opt
 from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
 from quantcli.cli._stage import plan_stage, run_algorithm
@@ -23,6 +23,8 @@ EPILOG = """Examples:
 
   quant awq model/ --w4 --group 128 -o awq/ && quant omniquant awq/ --w4 --group 128 -o omni/   (start from AWQ)
 
+  quant smooth model/ --alpha 0.5 -o smooth/ && quant omniquant model/ --w4 --group 128 --init-from smooth/ -o omni/   (smooth + OmniQuant)
+
   quant omniquant out/ --init-from out/ --epochs 5   (spec and calibration from out/; writes out-omniquant/)
 
   quant omniquant model/ --w3 --group 64 --init-from awq-w3/ --dataset ../texts/emma.txt --nsamples 32 --seqlen 512 -o omni/
@@ -33,9 +35,10 @@ InitFrom = Annotated[
     Optional[Path],
     typer.Option(
         "--init-from", show_default=False,
-        help="AWQ artifact (same model) whose scales and clips start LET and LWC; its spec and calibration are used for flags not given.",
+        help="AWQ or smooth artifact (same model) whose scales start LET (and AWQ clips start LWC); its spec and calibration are used for flags not given.",
     ),
 ]
+PARENTS = ("awq", "smooth")  # kinds whose scales (INPUT or --init-from) start LET
 Epochs = Annotated[int, typer.Option("--epochs", help="Passes over the calibration set per layer.", min=0)]
 Lwc = Annotated[bool, typer.Option("--lwc/--no-lwc", help="Learnable weight clipping.")]
 Let = Annotated[
@@ -64,11 +67,11 @@ def omniquant_command(
     batch = run.batch_size or OmniQuantParams.batch_size
     seed = calibration.seed if calibration.seed is not None else OmniQuantParams.seed
     params = OmniQuantParams(epochs=epochs, lwc=lwc, let=let, lwc_lr=lwc_lr, let_lr=let_lr, batch_size=batch, seed=seed)
-    init_artifact = open_awq(init_from, plan.spec) if init_from is not None else None  # refuse before loading
+    init_artifact = open_parent(init_from, plan.spec, PARENTS) if init_from is not None else None  # refuse before loading
 
     def build(loaded) -> StageParams:
-        upstream, awq = reuse_awq(loaded, plan.spec, init_artifact)
-        recorded = {**asdict(params), "let": params.let_for(plan.spec), "init": init_record(awq)}
+        upstream, parent = reuse_parent(loaded, plan.spec, init_artifact, PARENTS)
+        recorded = {**asdict(params), "let": params.let_for(plan.spec), "init": init_record(parent)}
         return StageParams("omniquant", OmniQuant(params), plan.spec, recorded, upstream)
 
     run_algorithm("OmniQuant", plan, build, calibration, run, default_batch=batch)

@@ -13,6 +13,7 @@ from quantcli.cli._console import emit, err, status
 from quantcli.errors import InputError
 from quantcli.models.canonical import strip_norm_offsets
 from quantcli.loading import load_input
+from quantcli.models.weights import read_act_qparams
 from quantcli.pack.checkpoint import write_packed
 
 EPILOG = """Examples:
@@ -50,7 +51,7 @@ def pack_command(
     strip_norm_offsets(loaded.model)  # back to the Hugging Face layout before saving
     out = write_packed(
         output, loaded.model, loaded.tokenizer, loaded.quantized, loaded.spec, format, {"lineage": lineage},
-        base=loaded.base, dtype=DTYPES[dtype], force=force,
+        base=loaded.base, dtype=DTYPES[dtype], act_qparams=read_act_qparams(loaded.artifact), force=force,
     )
     if not quiet:
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from quantcli import dist
 from quantcli.quant.act import fake_quant_per_token, fake_quant_with, observe_range, static_qparams
 from quantcli.quant.spec import QuantSpec
 
@@ -42,7 +43,7 @@ def install_linear_act_quant(
         else:
 
             def hook(_m, args):
-                return (fake_quant_per_token(args[0], spec.abits, spec.act_sym),) + tuple(args[1:])
+                return (fake_quant_input(args[0], spec),) + tuple(args[1:])
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     return handles
@@ -50,7 +51,8 @@ def install_linear_act_quant(
 
 @torch.no_grad()
 def calibrate_static_inputs(module: nn.Module, names: list[str], spec: QuantSpec, run) -> dict[str, Tensor]:
-    """Per-tensor ``input_scale`` / ``input_zero`` of each named linear's input over ``run()`` (a forward)."""
+    """Per-tensor ``input_scale`` / ``input_zero`` of each named linear's input over ``run()`` (a forward;
+    under torch.distributed, over every rank's calibration shard)."""
     ranges: dict[str, tuple[Tensor, Tensor]] = {}
 
     def observer(name):
@@ -69,6 +71,7 @@ def calibrate_static_inputs(module: nn.Module, names: list[str], spec: QuantSpec
     out = {}
     for name in names:
         hi, lo = ranges.get(name, (torch.zeros(()), torch.zeros(())))
+        hi, lo = dist.all_max(hi), -dist.all_max(-lo)  # the range over every rank's tokens: one scale for all
         scale, zero = static_qparams((hi, lo), spec.abits, spec.act_sym)
         out[f"{name}.{INPUT_SCALE}"], out[f"{name}.{INPUT_ZERO}"] = scale.cpu(), zero.cpu()
     return out
@@ -138,6 +141,18 @@ def install_kv_quant(root: nn.Module, bits: int, sym: bool = False) -> KVQuantHa
             setattr(module, KV_ATTR + "_sym", sym)
             handle.modules.append(module)
     return handle
+
+
+def search_spec(spec: QuantSpec) -> QuantSpec:
+    """The activation quantizer a search scores (AWQ) or trains (OmniQuant) through: ``spec``'s bits,
+    symmetry and KV cache, with per-token dynamic scales standing in for static ones (those depend on
+    the transform being searched; the driver calibrates them on the result)."""
+    return replace(spec, act_static=False)
+
+
+def fake_quant_input(x: Tensor, spec: QuantSpec) -> Tensor:
+    """A linear input ``x: [..., C]`` fake-quantized per token as :func:`search_spec` ``(spec)`` says (``x`` when weight-only)."""
+    return fake_quant_per_token(x, spec.abits, spec.act_sym)
 
 
 def install_spec_hooks(root: nn.Module, names: list[str], spec: QuantSpec, static: dict[str, Tensor] | None = None) -> list:

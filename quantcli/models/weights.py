@@ -1,10 +1,11 @@
-"""Weights an artifact or a packed checkpoint puts into a model: codes, fp overrides, activation hooks.
+"""Weights an artifact or a packed checkpoint puts into a model: codes, fp overrides, static activation scales.
 
 ``quantized.safetensors`` holds, per quantized linear ``name``, ``name.qweight`` (integer codes
 ``[out, in]``; since schema 2 codes of under 8 bits are packed along ``in`` into int32 words,
 ``[out, ceil(in·bits/32)]`` (:func:`quantcli.quant.bits.pack_int32`), with ``name.qshape`` =
 ``[out, in, bits]``; schema 1 stored one uint8 per code), ``name.scales`` and ``name.zeros`` (``[out, in // group]``) and, under
-act-order, ``name.g_idx`` (``[in]``). ``overrides.safetensors`` holds full-precision parameters
+act-order, ``name.g_idx`` (``[in]``); under ``act_static`` also ``name.input_scale`` and
+``name.input_zero`` (per-tensor activation scale and unsigned zero, scalars). ``overrides.safetensors`` holds full-precision parameters
 a stage changed (full names, e.g. ``model.layers.0.input_layernorm.weight``).
 """
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from quantcli.artifact import Artifact
 from quantcli.errors import ArtifactError
-from quantcli.quant import QuantizedWeight, fake_quantize_activation
+from quantcli.models.act_hooks import INPUT_SCALE, INPUT_ZERO
+from quantcli.quant import QuantizedWeight
 from quantcli.quant.bits import pack_int32, unpack_int32
 
 QUANTIZED_FILE = "quantized.safetensors"
@@ -39,6 +41,13 @@ def read_quantized(artifact: Artifact) -> dict[str, QuantizedWeight]:
             group = codes.shape[1] // scale.shape[1]
             out[name] = QuantizedWeight(codes, scale.float(), tensors[f"{name}.zeros"].float(), group, g_idx)
     return out
+
+
+def read_act_qparams(artifact: Artifact) -> dict[str, torch.Tensor]:
+    """The artifact's calibrated static activation scales: ``"<name>.input_scale"`` / ``".input_zero"`` (may be empty)."""
+    if not artifact.has(QUANTIZED_FILE):
+        return {}
+    return {k: v for k, v in artifact.tensors(QUANTIZED_FILE).items() if k.endswith((INPUT_SCALE, INPUT_ZERO))}
 
 
 def quantized_payload(quantized: dict[str, QuantizedWeight], bits: int = 8) -> dict[str, torch.Tensor]:
@@ -80,15 +89,3 @@ def apply_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> 
     """Put each quantized linear's dequantized weight (names relative to ``model``) into it."""
     for name, qw in quantized.items():
         set_weight(model, name, qw.dequantize())
-
-
-def install_activation_quant(model: nn.Module, names: list[str], abits: int) -> list:
-    """Per-token dynamic fake quantization of the input of every named linear; the hook handles."""
-    if abits >= 16:
-        return []
-    return [
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda _mod, args: (fake_quantize_activation(args[0], abits),) + tuple(args[1:])
-        )
-        for name in names
-    ]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from quantcli import __version__
 from quantcli.artifact import BaseModelRef, atomic_directory, check_output_free
 from quantcli.errors import InputError
-from quantcli.pack.formats import READERS, SUFFIXES, WRITERS, check_format, detect_format
+from quantcli.pack.formats import READERS, SUFFIXES, WRITERS, check_format, detect_format, pack_input_scales, unpack_input_scales
 from quantcli.quant.affine import QuantizedWeight
 from quantcli.quant.spec import QuantSpec
 
@@ -69,6 +69,7 @@ def write_packed(
     *,
     base: BaseModelRef | None = None,
     dtype: torch.dtype | None = None,
+    act_qparams: dict[str, Tensor] | None = None,
     force: bool = False,
 ) -> Path:
     """Atomically write a packed HF model directory ``out_dir`` and return its path.
@@ -80,6 +81,8 @@ def write_packed(
     base:       the unquantized model the codes came from; its directory and config hash are
                 recorded there too (:func:`packed_info` reads them back, e.g. for a bench baseline).
     dtype:      dtype of the full-precision tensors (default: as they are in ``model``).
+    act_qparams: calibrated ``"<linear>.input_scale"`` / ``".input_zero"`` of a ``spec.act_static``
+                artifact (``models.weights.read_act_qparams``); stored as the format's static input scales.
     Linears that are not quantized (``lm_head``, ...) are listed as the format's ignored modules.
     Raises SpecError when ``fmt`` cannot store ``spec`` (naming the formats that can).
     """
@@ -88,6 +91,7 @@ def write_packed(
     check_output_free(out, force)
     ignore = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
     packed, quantization_config = WRITERS[fmt](quantized, spec, ignore)
+    packed.update(pack_input_scales(sorted(quantized), spec, act_qparams or {}))  # only formats with activations get here
     state = full_precision_state(model, quantized, dtype)
     clash = sorted(set(state) & set(packed))
     if clash:
@@ -149,12 +153,13 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def read_packed(path: str | Path) -> tuple[dict, dict[str, QuantizedWeight], dict[str, Tensor]]:
+def read_packed(path: str | Path) -> tuple[dict, dict[str, QuantizedWeight], dict[str, Tensor], dict[str, Tensor]]:
     """Read a packed checkpoint directory (ours or another tool's, in a format quantcli writes).
 
-    Returns ``(config, quantized, fp_state)``: config.json as a dict, module name →
-    :class:`QuantizedWeight`, and every other tensor (biases, norms, embeddings, ignored linears)
-    by its state-dict name. A tied ``lm_head.weight`` is absent, as on disk.
+    Returns ``(config, quantized, fp_state, act_qparams)``: config.json as a dict, module name →
+    :class:`QuantizedWeight`, every other tensor (biases, norms, embeddings, ignored linears)
+    by its state-dict name (a tied ``lm_head.weight`` is absent, as on disk), and the static
+    activation scales ``"<linear>.input_scale"`` / ``".input_zero"`` (empty for dynamic ones).
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -174,10 +179,11 @@ def read_packed(path: str | Path) -> tuple[dict, dict[str, QuantizedWeight], dic
     tensors = _load_tensors(path)
     try:
         quantized = READERS[fmt](tensors, quantization_config)
+        act_qparams = unpack_input_scales(tensors, quantization_config)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     except (KeyError, ValueError) as exc:
         raise InputError(f"{path}: packed tensors do not match its quantization_config ({exc}); re-pack it") from None
     consumed = {f"{name}.{suffix}" for name in quantized for suffix in SUFFIXES[fmt]}
     fp_state = {key: tensor for key, tensor in tensors.items() if key not in consumed}
-    return config, quantized, fp_state
+    return config, quantized, fp_state, act_qparams

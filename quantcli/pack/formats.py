@@ -21,9 +21,16 @@ compressed-tensors ``pack-quantized`` (weight-only, or int weights below 8 bits 
     bit for bit; still, transformers (5.23 with compressed-tensors 0.20) loads the asymmetric variant
     only with ``quantization_config=CompressedTensorsConfig(dequantize=True)``: its compressed
     layout expects an unpacked zero point (a known upstream limitation, llm-compressor#1618).
-compressed-tensors ``int-quantized`` (W8A8: 8-bit weights, per-token dynamic int activations)
+compressed-tensors ``int-quantized`` (W8A8: 8-bit weights, int activations)
     ``weight`` int8 ``[out, in]`` = code − 128, ``weight_scale`` float32 ``[out, G]``,
     ``weight_zero_point`` int8 ``[out, G]`` = zero − 128 (asymmetric only).
+compressed-tensors activations (any spec with ``abits < 16``)
+    ``input_activations``: ``strategy: token, dynamic: true`` (per-token scales at run time) or,
+    for ``act_static``, ``strategy: tensor, dynamic: false`` with the calibrated scale stored per
+    linear: ``input_scale`` float32 ``[1]`` and, asymmetric only, ``input_zero_point`` int8 ``[1]``
+    = zero − ``2**(abits-1)``; ``symmetric`` is the spec's ``act_sym``. The KV-cache fake quant
+    (``kv_bits``) has no compressed-tensors scheme here (ours is per head and per token, dynamic):
+    it is recorded in the ``quantcli`` spec only, which our loader honours.
 autoawq (AutoAWQ ``GEMM``, 4-bit only)
     ``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32 ``[G, out/8]`` (AWQ interleaved order along
     ``out``), ``scales`` float16 ``[G, out]``. ``zero_point`` is always written ``true``: the GEMM
@@ -58,13 +65,9 @@ from quantcli.quant.spec import QuantSpec
 FORMATS = ("compressed-tensors", "autoawq", "gptq")
 DEFAULT_FORMAT = "compressed-tensors"
 
-# quantcli's per-token activation fake-quant is asymmetric by default
-# (quant.affine.fake_quantize_activation); compressed-tensors records the same choice.
-ACT_SYMMETRIC = False
-
 # Tensor names each format stores per quantized module (``{module}.{suffix}``).
 SUFFIXES = {
-    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight"),
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight", "input_scale", "input_zero_point"),
     "autoawq": ("qweight", "qzeros", "scales"),
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
 }
@@ -168,11 +171,45 @@ def _ct_activation_args(spec: QuantSpec) -> dict | None:
     return {
         "num_bits": spec.abits,
         "type": "int",
-        "symmetric": ACT_SYMMETRIC,
+        "symmetric": spec.act_sym,
         "group_size": None,
-        "strategy": "token",
-        "dynamic": True,
+        "strategy": "tensor" if spec.act_static else "token",
+        "dynamic": not spec.act_static,
     }
+
+
+def pack_input_scales(names: Iterable[str], spec: QuantSpec, act_qparams: dict[str, Tensor]) -> dict[str, Tensor]:
+    """compressed-tensors' static activation tensors of the linears ``names`` (empty unless ``spec.act_static``).
+
+    ``act_qparams``: ``"<name>.input_scale"`` / ``"<name>.input_zero"`` scalars as a stage
+    calibrated them (``models.act_hooks.calibrate_static_inputs``; zero unsigned).
+    """
+    if spec.weight_only or not spec.act_static:
+        return {}
+    offset, out = 2 ** (spec.abits - 1), {}
+    for name in names:
+        if f"{name}.input_scale" not in act_qparams:
+            raise ArtifactError(f"{name}: the spec has static activations but no calibrated input_scale; re-run the stage with --act-static")
+        out[f"{name}.input_scale"] = act_qparams[f"{name}.input_scale"].float().reshape(1)
+        if not spec.act_sym:
+            out[f"{name}.input_zero_point"] = (act_qparams[f"{name}.input_zero"].round().reshape(1) - offset).to(torch.int8)
+    return out
+
+
+def unpack_input_scales(tensors: dict[str, Tensor], quantization_config: dict) -> dict[str, Tensor]:
+    """Inverse of :func:`pack_input_scales`: ``"<name>.input_scale"`` / ``"<name>.input_zero"`` scalars (float32)."""
+    if quantization_config.get("quant_method") != "compressed-tensors":
+        return {}
+    acts = next(iter((quantization_config.get("config_groups") or {"": {}}).values())).get("input_activations") or {}
+    offset = 2 ** (int(acts.get("num_bits", 8)) - 1)
+    out = {}
+    for key, scale in tensors.items():
+        if key.endswith(".input_scale"):
+            name = key.removesuffix(".input_scale")
+            zp = tensors.get(f"{name}.input_zero_point")
+            out[key] = scale.float().reshape(())
+            out[f"{name}.input_zero"] = torch.tensor(float(offset)) if zp is None else zp.float().reshape(()) + offset
+    return out
 
 
 def pack_compressed_tensors(
@@ -401,8 +438,12 @@ def spec_from_config(config: dict) -> QuantSpec:
         scheme = next(iter(qcfg["config_groups"].values()))
         weights, acts = scheme["weights"], scheme.get("input_activations")
         group = -1 if weights.get("strategy") == "channel" else int(weights["group_size"])
-        abits = int(acts["num_bits"]) if acts else 16
-        return QuantSpec(int(weights["num_bits"]), group, bool(weights.get("symmetric", True)), abits)
+        if not acts:
+            return QuantSpec(int(weights["num_bits"]), group, bool(weights.get("symmetric", True)))
+        return QuantSpec(
+            int(weights["num_bits"]), group, bool(weights.get("symmetric", True)), int(acts["num_bits"]),
+            act_sym=bool(acts.get("symmetric", True)), act_static=acts.get("dynamic", False) is False,
+        )
     if fmt == "autoawq":
         return QuantSpec(4, int(qcfg.get("group_size", qcfg.get("q_group_size", 128))), False)
     return QuantSpec(int(qcfg["bits"]), int(qcfg.get("group_size", 128)), bool(qcfg.get("sym", True)))

@@ -1,7 +1,8 @@
 """Read a packed checkpoint directory back into a runnable model (for eval-ppl and bench).
 
 The model is built from ``config.json``, canonicalised like any base model, its full-precision
-tensors loaded and its packed linears unpacked and dequantized into it. Every parameter starts
+tensors loaded and its packed linears unpacked and dequantized into it, with the activation (and
+KV-cache) fake quantization its spec names installed, static input scales from the checkpoint. Every parameter starts
 as NaN, so one that neither the checkpoint's tensors nor its codes fill (an expert dropped from
 a MoE checkpoint, a truncated shard) is found by name and refused instead of running random.
 """
@@ -17,7 +18,8 @@ from torch import nn
 
 from quantcli.errors import InputError
 from quantcli.models.canonical import canonicalize
-from quantcli.models.weights import apply_quantized, install_activation_quant
+from quantcli.models.act_hooks import install_spec_hooks
+from quantcli.models.weights import apply_quantized
 from quantcli.pack.checkpoint import INDEX_NAME, WEIGHTS_NAME, read_packed
 from quantcli.pack.formats import spec_from_config
 from quantcli.quant import QuantizedWeight, QuantSpec
@@ -38,7 +40,7 @@ def load_packed(path: Path) -> PackedModel:
     """Build the model from config.json, load its fp tensors, unpack and dequantize the rest (on CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config_dict, quantized, fp_state = read_packed(path)
+    config_dict, quantized, fp_state, act_qparams = read_packed(path)
     plain = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "quantcli")}
     try:
         config = AutoConfig.for_model(**plain)
@@ -68,6 +70,8 @@ def load_packed(path: Path) -> PackedModel:
     if unexpected:
         raise InputError(f"{weights}: tensors the config does not describe ({', '.join(unexpected[:3])}); re-pack it")
     spec = spec_from_config(config_dict)
-    install_activation_quant(model, sorted(quantized), spec.abits)
+    if spec.act_static and (absent := [n for n in sorted(quantized) if f"{n}.input_scale" not in act_qparams]):
+        raise InputError(f"{weights}: static activations but no input_scale for {absent[0]}; re-pack it")
+    install_spec_hooks(model, sorted(quantized), spec, act_qparams)  # activations (and KV cache) as the spec says
     model.eval()
     return PackedModel(model, tokenizer, spec, quantized, config_dict)

@@ -16,14 +16,15 @@ from quantcli.algos.omniquant.let import fold_let
 from quantcli.algos.omniquant.train import OmniQuant, OmniQuantParams
 
 
-def init_record(awq: dict | None) -> dict:
-    """What LWC and LET started from, for the manifest (``awq``: the parent-AWQ provenance, or None)."""
-    if awq is None:
+def init_record(parent: dict | None) -> dict:
+    """What LWC and LET started from, for the manifest (``parent``: ``algos.parent.reuse_parent``'s provenance, or None)."""
+    if parent is None:
         return {"lwc": "paper (a=4)", "let": "smoothquant (alpha 0.5)"}
+    kind = parent["kind"]
     return {
-        "from": awq["from"],
-        "lwc": "awq clips (logit of r clamped to (1e-4, 1-1e-4))",
-        "let": "awq scales" if awq["scales"] == "searched" else "identity (s = 1): INPUT already carries the awq scales",
+        "from": parent["from"],
+        "lwc": "awq clips (logit of r clamped to (1e-4, 1-1e-4))" if kind == "awq" else "paper (a=4)",
+        "let": f"{kind} scales" if parent["scales"] == "searched" else f"identity (s = 1): INPUT already carries the {kind} scales",
     }
 
 

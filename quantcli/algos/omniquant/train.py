@@ -29,7 +29,7 @@ from quantcli.algos.omniquant.lwc import lwc_fake_quant, lwc_init, lwc_quantize
 from quantcli.algos.scaling import can_fold
 from quantcli.errors import InputError
 from quantcli.models.arch import ScalingGroup, resolve_groups
-from quantcli.models.weights import install_activation_quant
+from quantcli.models.act_hooks import install_spec_hooks, search_spec
 from quantcli.quant import QuantSpec
 
 
@@ -234,7 +234,7 @@ class OmniQuant:
         frozen = {n: p.requires_grad for n, p in layer.named_parameters()}
         for p in layer.parameters():
             p.requires_grad_(False)
-        hooks = install_activation_quant(layer, linears, spec.abits)
+        hooks = install_spec_hooks(layer, linears, search_spec(spec))  # activations (and KV cache) as evaluation quantizes them
         try:
             stats = train_layer(
                 layer,
