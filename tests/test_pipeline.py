@@ -106,3 +106,16 @@ def test_design_card_commands_run_verbatim(tmp_path):
     assert calib["ids_sha256"] == parent_calib["ids_sha256"] and calib["seqlen"] == 64
     ppl = shell(workdir, evaluate, stdin=printed + "\n")  # the card pipes the path omniquant printed
     assert float(ppl.stdout.strip()) > 1 and "windows" in ppl.stderr
+
+
+@pytest.mark.slow
+def test_readme_opening_pipe_runs_verbatim(tmp_path):
+    """The one-line pipe at the top of README.md: awq | gptq (spec inherited from the piped AWQ artifact) | eval-ppl."""
+    text = (REPO / "README.md").read_text()
+    line = re.search(r"```\n(quant .*?)\n```", text, re.S).group(1).strip()
+    assert line.count("|") == 2, line
+    workdir = make_workdir(tmp_path, max_positions=64)
+    ppl = shell(workdir, line)
+    assert float(ppl.stdout.strip()) > 1
+    gptq = json.loads((workdir / "awq-gptq" / "manifest.json").read_text())
+    assert gptq["kind"] == "gptq" and gptq["spec"]["group"] == 128 and gptq["parent"] is not None
