@@ -40,13 +40,14 @@ def eval_ppl_command(
     source = opt.input_or_stdin(input)
     texts = load_texts(dataset, "test")
     with status("loading model", quiet):
-        loaded = load_input(source, device=str(resolve_device(device)), stream=True)
+        target = resolve_device(device)
+        loaded = load_input(source, device=str(target), stream=True)
     bos_id = bos_token(loaded.tokenizer, bos)
     tokens = tokenize(loaded.tokenizer, texts.joined())
     seqlen = seqlen or default_seqlen(loaded.model)
     with status("evaluating", quiet):
         if loaded.stream is not None:  # layer by layer from the shards: one layer in memory
-            result = perplexity_streamed(loaded.stream, tokens, seqlen, max_windows, resolve_device(device), bos_id)
+            result = perplexity_streamed(loaded.stream, tokens, seqlen, max_windows, target, bos_id)
         else:
             result = perplexity(loaded.model, tokens, seqlen, max_windows, bos_id)
     record = {
@@ -57,7 +58,7 @@ def eval_ppl_command(
         "split": texts.source["split"],
         "text_sha256": texts.source["sha256"],
         "dtype": str(loaded.stream.dtype if loaded.stream else next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "device": str(resolve_device(device) if loaded.stream else next(loaded.model.parameters()).device),
+        "device": str(target if loaded.stream else next(loaded.model.parameters()).device),
         "bos": bos,
         "protocol": "gptq: test split joined with \\n\\n, non-overlapping windows, exp(mean window NLL)"
         + ("" if bos_id is None else "; each window = BOS + seqlen-1 text tokens, BOS not scored"),

@@ -63,6 +63,11 @@ def perplexity(
     for i, window in enumerate(wins):
         nlls.append(window_nll(model, window))
         on_window(i, len(wins), nlls[-1])
+    return _record(nlls, all_wins, seqlen, bos, started)
+
+
+def _record(nlls: list[float], all_wins: Tensor, seqlen: int, bos: int | None, started: float, **extra) -> dict:
+    """The result of an evaluation: this rank's window NLLs reduced over all ranks, and the protocol."""
     total, count = dist.all_sum(sum(nlls), len(nlls))
     mean_nll = total / count
     return {
@@ -74,6 +79,7 @@ def perplexity(
         "scored_tokens": len(all_wins) * (seqlen - 1),
         "bos_token_id": bos,
         "seconds": round(time.time() - started, 2),
+        **extra,
     }
 
 
@@ -87,7 +93,8 @@ def perplexity_streamed(
     from quantcli.calib.capture import capture_layer_inputs
     from quantcli.models.stream import to_device
 
-    wins = windows(tokens, seqlen, max_windows, bos)
+    all_wins = windows(tokens, seqlen, max_windows, bos)
+    wins = dist.shard(all_wins)  # this rank's windows (all of them on one process)
     started = time.time()
     with source.outside_layers(device) as outer:
         hidden, layer_kwargs = capture_layer_inputs(outer, source.layers, wins, batch)
@@ -107,9 +114,4 @@ def perplexity_streamed(
             if cap:  # Gemma's soft cap, as its causal-LM head applies it
                 logits = torch.tanh(logits / cap) * cap
             nlls.append(F.cross_entropy(logits, window[1:].to(device)).item())
-    mean_nll = sum(nlls) / len(nlls)
-    return {
-        "ppl": math.exp(mean_nll), "nll": mean_nll, "windows": len(wins), "seqlen": seqlen,
-        "tokens": int(wins.numel()), "scored_tokens": len(wins) * (seqlen - 1), "bos_token_id": bos,
-        "seconds": round(time.time() - started, 2), "layer_by_layer": True,
-    }
+    return _record(nlls, all_wins, seqlen, bos, started, layer_by_layer=True)
