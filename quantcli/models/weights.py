@@ -44,8 +44,10 @@ def read_quantized(artifact: Artifact) -> dict[str, QuantizedWeight]:
 
 
 def read_act_qparams(artifact: Artifact) -> dict[str, torch.Tensor]:
-    """The artifact's calibrated static activation scales: ``"<name>.input_scale"`` / ``".input_zero"`` (may be empty)."""
-    if not artifact.has(QUANTIZED_FILE):
+    """The artifact's calibrated static activation scales: ``"<name>.input_scale"`` / ``".input_zero"`` (may be empty).
+
+    Only an ``act_static`` spec stores them, so other artifacts are not read a second time."""
+    if not artifact.has(QUANTIZED_FILE) or not (artifact.manifest.spec or {}).get("act_static"):
         return {}
     return {k: v for k, v in artifact.tensors(QUANTIZED_FILE).items() if k.endswith((INPUT_SCALE, INPUT_ZERO))}
 
