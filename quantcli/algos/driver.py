@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
@@ -61,6 +62,7 @@ class LayerContext:
     batch: int = 8
     upstream: dict[str, Tensor] = field(default_factory=dict)
     report: Callable[..., None] = lambda **_: None
+    seen: dict = field(default_factory=dict)  # what the algorithm's ``observe`` recorded during the targets forward
 
     def linears(self) -> list[list[str]]:
         """The layer's linears to quantize, in true-sequential stages."""
@@ -97,6 +99,11 @@ class LayerSource(Protocol):
 
 
 class LayerAlgo(Protocol):
+    """An algorithm the driver runs per layer. It may also define ``observe(layer) ->
+    ContextManager[dict]``: entered around the full-precision targets forward of ``layer`` (its
+    hooks record e.g. submodule inputs into the dict, which arrives as ``ctx.seen``), so what the
+    algorithm needs from the unquantized layer costs no forward of its own."""
+
     needs_fp_stream: bool
 
     def run_layer(self, ctx: LayerContext) -> LayerResult: ...
@@ -252,10 +259,12 @@ def run_blockwise(
         inputs, fp_inputs = boundary.inputs, boundary.fp_inputs
         kwargs = {k: to_device(v, device) for k, v in layer_kwargs[index].items()}
         fp_in = inputs if fp_inputs is None else fp_inputs
-        targets = None if data_free else layer_forward(layer, fp_in, kwargs, device, batch, acts.empty(fp_in.shape))
+        observe = getattr(algo, "observe", None)
+        with nullcontext({}) if data_free or observe is None else observe(layer) as seen:
+            targets = None if data_free else layer_forward(layer, fp_in, kwargs, device, batch, acts.empty(fp_in.shape))
         ctx = LayerContext(
             index, f"{prefix}.{index}", layer, inputs, targets, kwargs, device, spec, arch, batch,
-            upstream(index), report=lambda **m: on_update(index=index, **m),
+            upstream(index), report=lambda **m: on_update(index=index, **m), seen=seen,
         )
         layer_result = algo.run_layer(ctx)
         for rel, value in layer_result.overrides.items():
