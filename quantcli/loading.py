@@ -16,6 +16,7 @@ quantizes activations.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,8 @@ from quantcli.models.stream import StreamedModel, can_stream
 from quantcli.models.weights import apply_quantized, read_act_qparams, read_quantized
 from quantcli.pack.load import load_packed
 from quantcli.quant import QuantizedWeight, QuantSpec
+
+STREAM_ENV = "QUANTCLI_STREAM"
 
 
 @dataclass
@@ -159,9 +162,12 @@ def load_input(source: str | None, device: str = "cpu", quantized: bool = True, 
     For an artifact, ``quantized=True`` gives the quantized model it describes and
     ``quantized=False`` the transformed full-precision model the next stage starts from.
     ``stream=True`` gives a base model whose decoder layers stay in its safetensors shards until
-    the block-wise driver reads them one at a time (``loaded.stream``), when the checkpoint allows.
+    the block-wise driver reads them one at a time (``loaded.stream``), when the checkpoint allows
+    and the environment does not say ``QUANTCLI_STREAM=0`` (load the whole model first: the
+    pre-streaming path, kept to compare against).
     """
     quiet_hub()
+    stream = stream and os.environ.get(STREAM_ENV, "1") != "0"
     if source is not None and is_artifact(source):
         artifact = open_artifact(source)
         if artifact.kind == "calib":

@@ -92,3 +92,13 @@ def test_unregistered_kind_is_one_line(model_dirs, tmp_path, monkeypatch):
     odd = write_artifact(tmp_path / "smooth", Manifest(kind="smooth", base_model=artifact.manifest.base_model), {})
     with pytest.raises(ArtifactError, match="no algorithm registers a replay for artifact kind 'smooth'"):
         materialize(odd)
+
+
+def test_stream_env_switch(tiny_model_dir, monkeypatch):
+    """QUANTCLI_STREAM=0 loads the whole model (the path streaming is compared against); by
+    default a safetensors model streams. Fails if the switch is ignored either way."""
+    streamed = load_input(str(tiny_model_dir), stream=True)
+    assert streamed.stream is not None and streamed.model.device.type == "meta"
+    monkeypatch.setenv("QUANTCLI_STREAM", "0")
+    eager = load_input(str(tiny_model_dir), stream=True)
+    assert eager.stream is None and next(eager.model.parameters()).device.type == "cpu"
