@@ -174,6 +174,14 @@ def choose_calibration(
     return make_calibration(loaded, CalibParams()) if required else None
 
 
+def forward_multiple(layers: list[dict]) -> float | None:
+    """The stage's cost in plain forwards: its layers' wall seconds over the seconds of their
+    propagation forward (one forward of the calibration set through the quantized layer, measured
+    in the same run, so a busy machine inflates both alike). None for data-free stages."""
+    forward = sum(m.get("forward_seconds") or 0.0 for m in layers)
+    return round(sum(m["seconds"] for m in layers) / forward, 2) if forward > 0 else None
+
+
 def run_stage(
     stage: StageParams,
     loaded: Loaded,
@@ -219,6 +227,7 @@ def run_stage(
             "seconds": round(sum(m["seconds"] for m in partial.layers) + result.seconds - sum(m["seconds"] for m in result.layers), 2),
             "world_size": dist.world().size,
             "mean_layer_loss": sum(losses) / len(losses) if losses else None,
+            "forward_multiple": forward_multiple(partial.layers),
             "layers": partial.layers,
         },
     )

@@ -102,3 +102,13 @@ def test_stream_env_switch(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("QUANTCLI_STREAM", "0")
     eager = load_input(str(tiny_model_dir), stream=True)
     assert eager.stream is None and next(eager.model.parameters()).device.type == "cpu"
+
+
+def test_stage_cost_in_forwards(model_dirs, tmp_path):
+    """Each calibrated layer records the seconds of its propagation forward, and the manifest the
+    stage's cost in such forwards: GPTQ (targets, captures, propagation) costs more than one.
+    Fails if the forward is not timed, or timed over the whole layer step (multiple 1.0)."""
+    artifact, _ = run("gptq", model_dirs("LlamaForCausalLM"), tmp_path / "gptq")
+    layers = artifact.manifest.metrics["layers"]
+    assert all(0 < m["forward_seconds"] < m["seconds"] for m in layers)
+    assert artifact.manifest.metrics["forward_multiple"] > 1.5

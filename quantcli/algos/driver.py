@@ -271,14 +271,16 @@ def run_blockwise(
             layer.get_parameter(rel).data.copy_(value.to(device))
         for rel, qw in layer_result.quantized.items():
             layer.get_submodule(rel).weight.data.copy_(qw.dequantize().to(device))
-        loss = None
+        loss = forward_seconds = None
         if not data_free:  # the next layer sees this one as evaluation will: activations (and KV) quantized too
             names, static = list(layer_result.quantized), None
             if spec.act_static and names and not spec.weight_only:
                 static = calibrate_static_inputs(layer, names, spec, lambda: layer_forward(layer, inputs, kwargs, device, batch))
                 layer_result.act_qparams.update(static)
             hooks = install_spec_hooks(layer, names, spec, static)
+            forward_started = time.time()
             outputs = layer_forward(layer, inputs, kwargs, device, batch, acts.empty(inputs.shape))
+            forward_seconds = time.time() - forward_started
             for hook in hooks:
                 hook.remove()
             if not torch.isfinite(outputs).all():
@@ -295,6 +297,8 @@ def run_blockwise(
         seconds = time.time() - t0
         algo_metrics = layer_result.metrics
         layer_result.metrics = {"layer": index, "loss": loss, "seconds": round(seconds, 3), **algo_metrics}
+        if forward_seconds is not None:  # one plain forward of the layer over the calibration set: the unit of the stage's cost
+            layer_result.metrics["forward_seconds"] = round(forward_seconds, 3)
         if sink is not None:
             sink(index, layer_result, boundary)
         else:
