@@ -281,3 +281,77 @@ def test_plot_without_matplotlib_is_one_line_error(monkeypatch, tmp_path) -> Non
                         if name.startswith("matplotlib") else real_import(name, *a, **k))
     with pytest.raises(InputError, match="quantcli\\[plot\\]"):
         pyplot(tmp_path / "x.png")
+
+
+def _multipass_dense_weight(layer: Int4WeightOnlyLinear) -> torch.Tensor:
+    """The dense-prefill unpacking as it was before it was fused (five eager passes), kept as the reference."""
+    n, k, g = layer.out_features, layer.in_features, layer.group_size
+    v = layer.packed.view(n // 64, k, 32)
+    q = torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(n, k // g, g)
+    scale, offset = layer.scale_and_zero.unbind(-1)
+    shift = (offset.float() - 8 * scale.float()).t().contiguous().to(torch.bfloat16)
+    return torch.addcmul(shift[..., None], q.to(torch.bfloat16), scale.t().contiguous()[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize(
+    "spec, act_order",
+    [
+        (QuantSpec(wbits=4, group=64, sym=False), False),
+        (QuantSpec(wbits=4, group=32, sym=True), False),
+        (QuantSpec(wbits=4, group=-1, sym=False), False),
+        (QuantSpec(wbits=3, group=128, sym=False), False),
+        (QuantSpec(wbits=2, group=32, sym=False), False),
+        (QuantSpec(wbits=4, group=64, sym=False), True),
+    ],
+    ids=lambda v: v.label() if isinstance(v, QuantSpec) else ("g_idx" if v else "in-order"),
+)
+def test_fused_unpack_equals_multipass_bit_for_bit(spec: QuantSpec, act_order: bool) -> None:
+    """Catches a fused unpacker that swaps nibbles or block rows, drops the bf16 rounding of the
+    shift, rounds ``q·scale`` before adding, or reads a permuted (g_idx) layout in the wrong order."""
+    unpack, how = kernels.fused_unpacker()
+    if how != kernels.UNPACK_FUSED:
+        pytest.skip(f"torch.compile unavailable here: {how}")
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(192, 256, generator=gen) * torch.rand(192, 1, generator=gen)
+    qw = quantize_weight(w, spec)
+    if act_order:
+        g_idx = (torch.arange(256) // spec.group)[torch.randperm(256, generator=gen)]
+        qw = QuantizedWeight(qw.codes, qw.scale, qw.zero, spec.group, g_idx=g_idx.int())
+    layer = Int4WeightOnlyLinear.from_quantized(qw)
+    assert (layer.perm is not None) == act_order
+    ref = _multipass_dense_weight(layer)
+    fused = layer.dense_weight()
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused.view(torch.int16), ref.view(torch.int16))
+    # and the dense path still computes the quantized layer (columns in kernel order)
+    x = torch.randn(3, 256, generator=gen)
+    cols = x if layer.perm is None else x[:, layer.perm]
+    assert rel_err(cols.bfloat16().float() @ fused.float().t(), x @ qw.dequantize().t()) < BF16_TOL
+
+
+def test_dense_choice_probed_at_the_lengths_run(monkeypatch) -> None:
+    """A fake timer where dense wins only above 1000 tokens: the choice flips at 2000, the first run
+    length past it. Catches probing a fixed range (≤ 512 tokens: never dense) or an off-by-one
+    threshold (dense already at 1000)."""
+    from quantcli.bench.run import BenchParams, dense_probe_tokens
+
+    def fake_time(module, x, reps):
+        rows = x.shape[0]
+        dense = module.dense_from == 0
+        return (1.0 if rows > 1000 else 3.0) if dense else 2.0
+
+    monkeypatch.setattr(kernels, "time_call", fake_time)
+    params = BenchParams(prompt_lens=(100, 1000, 2000, 4000), batch=1)
+    probes = dense_probe_tokens(params)
+    assert {100, 1000, 2000, 4000} <= set(probes)
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 128))
+    quantized = {n: quantize_weight(model.get_submodule(n).weight.data, QuantSpec(wbits=4, group=32)) for n in ("0", "1")}
+    report = swap_in_kernels(model, quantized, "cpu", dense_prefill=True, probe_tokens=probes)
+    for layer in report.layers.values():
+        assert layer.dense_from == 2000 and "4000" in layer.dense_reason
+        assert layer.path(1000) == kernels.INT4_CPU and layer.path(2000) == layer.path(4000) == kernels.DENSE
+    assert report.unpack  # the report says how the dense path unpacks
+    assert set(report.shapes["Int4WeightOnlyLinear[64x128]g32"]["dense_ms"]) == set(probes)
+    # twice the batch: every probe doubles
+    assert {200, 2000, 4000, 8000} <= set(dense_probe_tokens(BenchParams(prompt_lens=(100, 1000, 2000, 4000), batch=2)))
+    del gen

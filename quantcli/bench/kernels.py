@@ -48,6 +48,8 @@ DEQUANT = "dequant-fp"
 DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense matmul (prefill)
 DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
 DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
+UNPACK_FUSED = "one fused pass (torch.compile)"  # how the dense prefill path unpacks int4 weights
+UNPACK_EAGER = "eager, five passes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +170,55 @@ def int8_unsupported(qw: QuantizedWeight, device: str | torch.device) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Unpacking the CPU int4 layout (the dense prefill path)
+# --------------------------------------------------------------------------------------------
+
+
+def unpack_cpu_int4pack(packed: Tensor, scale: Tensor, shift: Tensor, group: int) -> Tensor:
+    """``w = q·scale + shift`` in bf16 from the CPU int4 pack (``_convert_weight_to_int4pack_for_cpu``).
+
+    ``packed``: uint8 ``[N, K/2]`` holding 64-row blocks as ``[K, 32]`` bytes whose low nibble is row
+    ``j`` and high nibble row ``j + 32`` of the block. ``scale``, ``shift``: bf16 ``[N, K/group]``
+    (``shift = offset − 8·scale`` rounded to bf16). Returns bf16 ``[N, K]``; each element is
+    ``round_bf16(shift + q·scale)`` computed in float32 (``addcmul``'s rounding). Run eagerly this is
+    five passes over weight-sized tensors (split nibbles, stack, transpose, cast, addcmul);
+    compiled by :func:`fused_unpacker` it is one loop that reads each byte once and writes each
+    weight once, with the same bits (``q·scale`` is exact in float32: 4 × 8 significant bits).
+    """
+    n = scale.shape[0]
+    k = packed.numel() * 2 // n
+    v = packed.view(n // 64, k, 32)
+    q = torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(n, k // group, group)
+    return torch.addcmul(shift[..., None], q.to(KERNEL_DTYPE), scale[..., None]).view(n, k)
+
+
+_FUSED: dict[str, object] = {}  # "fn": the unpacker in use, "how": what it is (for the report)
+
+
+def fused_unpacker() -> tuple[Callable[..., Tensor], str]:
+    """``(unpack, how)``: :func:`unpack_cpu_int4pack` compiled into one fused pass by
+    ``torch.compile`` (inductor, compiled on first use and cached on disk by torch), or, where that
+    cannot compile (no C++ compiler, an unsupported build), the eager five-pass version, with
+    ``how`` saying which and why. Decided once per process, on a small probe weight."""
+    if "fn" not in _FUSED:
+        compiled = torch.compile(unpack_cpu_int4pack, dynamic=True)  # one compile for every weight shape
+        gen = torch.Generator().manual_seed(0)
+        packed = torch.randint(0, 256, (64, 32), dtype=torch.uint8, generator=gen)
+        scale = torch.rand(64, 1, generator=gen).to(KERNEL_DTYPE)
+        shift = torch.randn(64, 1, generator=gen).to(KERNEL_DTYPE)
+        try:
+            same = torch.equal(compiled(packed, scale, shift, 64), unpack_cpu_int4pack(packed, scale, shift, 64))
+        except Exception as err:  # inductor reports a missing compiler etc. with many exception types
+            _FUSED.update(fn=unpack_cpu_int4pack, how=f"{UNPACK_EAGER} (torch.compile failed: {str(err).splitlines()[0][:200]})")
+        else:
+            if same:
+                _FUSED.update(fn=compiled, how=UNPACK_FUSED)
+            else:
+                _FUSED.update(fn=unpack_cpu_int4pack, how=f"{UNPACK_EAGER} (compiled unpacker differed from the eager one)")
+    return _FUSED["fn"], _FUSED["how"]
+
+
+# --------------------------------------------------------------------------------------------
 # Kernel modules
 # --------------------------------------------------------------------------------------------
 
@@ -246,19 +297,14 @@ class Int4WeightOnlyLinear(nn.Module):
         return ""
 
     def dense_weight(self) -> Tensor:
-        """The dequantized weight ``[N, K]`` in bf16 (columns in kernel order, i.e. permuted by ``perm``).
-
-        The CPU int4 pack stores 64-row blocks as ``[K, 32]`` bytes whose low nibble is row ``j``
-        and high nibble row ``j + 32`` of the block (checked against the codes when the dense path
-        is chosen, see :func:`choose_dense_threshold`).
-        """
-        n, k, g = self.out_features, self.in_features, self.group_size
+        """The dequantized weight ``[N, K]`` in bf16 (columns in kernel order, i.e. permuted by ``perm``),
+        made in one fused pass over the packed bytes where :func:`fused_unpacker` compiles
+        (see :func:`unpack_cpu_int4pack`); the weight lives only for the call that asked for it."""
+        scale, offset = self.scale_and_zero.unbind(-1)  # [K/G, N] each: w = scale·(q − 8) + offset
+        shift = (offset.float() - 8 * scale.float()).t().contiguous().to(KERNEL_DTYPE)  # [N, K/G], 1/G of the weight
+        unpack, _ = fused_unpacker()
         with torch.profiler.record_function(DEQUANT_LABEL):
-            v = self.packed.view(n // 64, k, 32)
-            q = torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(n, k // g, g)  # uint8 codes
-            scale, offset = self.scale_and_zero.unbind(-1)  # [K/G, N] each: w = scale·(q − 8) + offset
-            shift = (offset.float() - 8 * scale.float()).t().contiguous().to(KERNEL_DTYPE)
-            return torch.addcmul(shift[..., None], q.to(KERNEL_DTYPE), scale.t().contiguous()[..., None]).view(n, k)
+            return unpack(self.packed, scale.t(), shift, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = _flatten(x, self.perm)
@@ -387,6 +433,7 @@ class KernelReport:
     device: str
     layers: dict[str, LayerKernel] = field(default_factory=dict)
     shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: kernel vs dense timings
+    unpack: str = ""  # how the dense prefill path unpacks int4 weights ("" when no layer has that path)
 
     def path_counts(self, tokens: int) -> dict[str, int]:
         """Number of layers per path for a call with ``tokens`` rows (1: decode; batch·L: prefill)."""
@@ -413,6 +460,7 @@ class KernelReport:
             "counts": self.counts(),
             "fallbacks": self.fallbacks(),
             "dense_prefill_shapes": self.shapes,
+            "dense_prefill_unpack": self.unpack,
             "layers": {name: asdict(lk) for name, lk in self.layers.items()},
         }
 
@@ -464,20 +512,28 @@ def build_kernel(
     return module, LayerKernel(DEQUANT, bits, qw.group, "; ".join(reasons))
 
 
+def time_call(module: nn.Module, x: Tensor, reps: int) -> float:
+    """Fastest of ``reps`` calls of ``module(x)`` in ms (after one untimed call)."""
+    return fastest_ms(lambda: (module(x), synchronize(x.device)), reps)
+
+
 def choose_dense_threshold(
     module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TOKENS, reps: int = 3
 ) -> tuple[int | None, str, dict]:
     """From how many tokens per call ``module`` should dequantize + dense-matmul instead of its kernel.
 
-    Times the kernel and the dense path at each ``probe_tokens`` count (random bf16 rows, fastest of
-    ``reps``) and returns ``(threshold, reason, timings)``: the smallest probed count from which the
-    dense path is faster at every larger probe too, or None (kernel always) with the reason. The
-    unpacked weight is first checked against the kernel's output, so a changed packing layout
-    disables the dense path instead of computing garbage.
+    Times the kernel and the dense path (:func:`time_call`) at each ``probe_tokens`` count (random
+    bf16 rows) and returns ``(threshold, reason, timings)``: the smallest probed count from which
+    the dense path is faster at every larger probe too, or None (kernel always) with the reason.
+    Pass the token counts the model will actually be called with (every prompt length run): a
+    choice between or beyond the probes is an extrapolation. The unpacked weight is first checked
+    against the kernel's output, so a changed packing layout disables the dense path instead of
+    computing garbage.
     """
     why = module.dense_unsupported()
     if why:
         return None, why, {}
+    probe_tokens = tuple(sorted(set(probe_tokens)))
     device = module.scale_and_zero.device if hasattr(module, "scale_and_zero") else module.weight.device
     gen = torch.Generator().manual_seed(0)
     saved = module.dense_from
@@ -492,10 +548,9 @@ def choose_dense_threshold(
                 return None, f"unpacked weight differs from the kernel (relative error {rel:.3g})", {}
             timings: dict[str, dict[int, float]] = {"kernel_ms": {}, "dense_ms": {}}
             for m in probe_tokens:
-                xm = x[:m]
                 for key, dense_from in (("kernel_ms", None), ("dense_ms", 0)):
                     module.dense_from = dense_from
-                    timings[key][m] = fastest_ms(lambda: (module(xm), synchronize(device)), reps)
+                    timings[key][m] = time_call(module, x[:m], reps)
     finally:
         module.dense_from = saved
     wins = [timings["dense_ms"][m] < timings["kernel_ms"][m] for m in probe_tokens]
@@ -504,9 +559,10 @@ def choose_dense_threshold(
         if all(wins[i:]):
             threshold = m
             break
+    probed = ", ".join(map(str, probe_tokens))
     if threshold is None:
-        return None, f"kernel faster at {max(probe_tokens)} tokens", timings
-    return threshold, f"dense faster from {threshold} tokens on (probed {', '.join(map(str, probe_tokens))})", timings
+        return None, f"kernel faster at {max(probe_tokens)} tokens (probed {probed})", timings
+    return threshold, f"dense faster from {threshold} tokens on (probed {probed})", timings
 
 
 def _shape_key(module: nn.Module) -> str:
@@ -521,14 +577,16 @@ def swap_in_kernels(
     verify: bool = True,
     dense_prefill: bool = False,
     builder: Callable[..., tuple[nn.Module, "LayerKernel"]] | None = None,
+    probe_tokens: tuple[int, ...] = DENSE_PROBE_TOKENS,
 ) -> KernelReport:
     """Replace each quantized ``nn.Linear`` of ``model`` (by module name) with a kernel module.
 
     Every layer gets the best kernel that represents its codes exactly (int4, then int8) or a
     dequantized ``nn.Linear`` in the layer's own dtype; with ``verify`` each choice is checked
     against the dequantized weight on random inputs and falls back on failure. With
-    ``dense_prefill`` each distinct weight shape is timed once (:func:`choose_dense_threshold`) and
-    its layers dequantize + dense-matmul from the measured token count on. The model is
+    ``dense_prefill`` each distinct weight shape is timed once at ``probe_tokens`` rows per call
+    (:func:`choose_dense_threshold`; give it the token counts that will run) and its layers
+    dequantize + dense-matmul from the measured token count on. The model is
     changed in place; move its other parts with ``model.to(device)`` (never ``.to(dtype)``).
     ``builder(qw, bias, device, dtype)`` replaces :func:`build_kernel` for every layer (the
     weight-activation kernels of :mod:`quantcli.bench.w8a8` plug in here).
@@ -550,11 +608,13 @@ def swap_in_kernels(
             else:
                 key = _shape_key(module)
                 if key not in report.shapes:
-                    threshold, why, timings = choose_dense_threshold(module)
+                    threshold, why, timings = choose_dense_threshold(module, probe_tokens)
                     report.shapes[key] = {"dense_from": threshold, "reason": why, **timings}
                 module.dense_from = report.shapes[key]["dense_from"]
                 choice.dense_from, choice.dense_reason = module.dense_from, report.shapes[key]["reason"]
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         report.layers[name] = choice
+    if any(lk.dense_from is not None and lk.kernel in (INT4_CPU, INT4_CUDA) for lk in report.layers.values()):
+        report.unpack = fused_unpacker()[1]
     return report

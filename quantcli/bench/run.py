@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantcli.artifact import sha256_file
-from quantcli.bench.kernels import swap_in_kernels
+from quantcli.bench.kernels import DENSE_PROBE_TOKENS, swap_in_kernels
 from quantcli.bench.w8a8 import w8a8_builder
 from quantcli.bench.latency import (
     Progress,
@@ -77,6 +77,13 @@ def parse_bytes(text: str) -> int:
         return int(float(m.group(1)) * _UNITS[unit])
     except ValueError:
         raise InputError(f"--memory-budget {text!r}: not a size; write e.g. 8GiB, 500MB or a number of bytes") from None
+
+
+def dense_probe_tokens(params: BenchParams) -> tuple[int, ...]:
+    """Rows per linear call at which the dense-prefill choice is measured: the small default counts
+    (MoE experts get a share of the tokens) and ``batch × L`` for every prompt length ``L`` run, so the
+    path each timed prefill takes was measured at its own size, up to the largest."""
+    return tuple(sorted(set(DENSE_PROBE_TOKENS) | {params.batch * n for n in params.prompt_lens}))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -209,7 +216,10 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         if progress:
             progress(f"swapping in kernels for {len(loaded.quantized)} quantized linears")
         builder = w8a8_builder(loaded.spec) if loaded.spec is not None and not loaded.spec.weight_only else None
-        report = swap_in_kernels(model, loaded.quantized, device, dense_prefill=params.fast_paths, builder=builder)
+        report = swap_in_kernels(
+            model, loaded.quantized, device, dense_prefill=params.fast_paths, builder=builder,
+            probe_tokens=dense_probe_tokens(params),
+        )
         if loaded.spec is not None and loaded.spec.act_static:
             notes.append("static activation scales are not used here: the timed path quantizes activations per token")
         if loaded.spec is not None and loaded.spec.kv_bits < 16:
