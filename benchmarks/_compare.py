@@ -97,8 +97,9 @@ def compare(
     params_q = BenchParams(**{**params.__dict__, "baseline": None, "memory_budget": budgets.get("quantized", params.memory_budget)})
     result = run_bench(loaded, params_q, progress=progress)
     longest = max(params.prompt_lens)
-    log(f"  profiling quantized at {longest} tokens")
-    result["profile"] = profile_phases(loaded.model, longest, profile_steps, device)
+    if not params.profile_steps:  # else every row already holds its own profile
+        log(f"  profiling quantized at {longest} tokens")
+        result["profile"] = profile_phases(loaded.model, longest, profile_steps, device)
     del loaded
     gc.collect()
     result["baselines"], result["ratios"] = {}, {}
@@ -108,8 +109,9 @@ def compare(
         model.to(device=device, dtype=dtype)
         budget = budgets.get(name, result["memory_budget"]["bytes"])
         base = bench_model(model, params, dtype, budget, progress, f"baseline {name}")
-        log(f"  profiling {name} at {longest} tokens")
-        base["profile"] = profile_phases(model, longest, profile_steps, device)
+        if not params.profile_steps:
+            log(f"  profiling {name} at {longest} tokens")
+            base["profile"] = profile_phases(model, longest, profile_steps, device)
         result["baselines"][name] = base
         result["ratios"][name] = _ratios(result, base)
         del model

@@ -2,21 +2,30 @@
 bf16 on SmolLM2-135M, in ONE process, with a profile of where the time goes.
 
     python benchmarks/speed.py [--artifact W4_ARTIFACT] [--random-weights] [--prompt-lens 100,1000,2000,4000]
-                               [--gen 32] [--reps 2] [--threads N] [--out benchmarks/results/speed.json]
+                               [--gen 32] [--reps 2] [--threads N] [--profile-steps 8]
+                               [--out benchmarks/results/speed.json] [--plot FILE.png]
+    python benchmarks/speed.py --micro [--threads 1] [--out benchmarks/results/speed_micro.json]
 
 Makes an RTN w4g64 artifact of the embedded SmolLM2-135M when none is given (kernel speed does not
 depend on how the codes were found). ``--random-weights`` builds the same architecture with random
 weights instead (for a machine without the model package; latency is the same, the text is not).
 Then the w4 model (quant bench's fastest paths: int4 kernel for decode, dequantize-per-call + dense
 bf16 for prefill from a measured token count, attention / KV-cache dtype per prompt length) and the
-unquantized model in fp32 and in bf16 are timed one after another, each profiled at the longest
-prompt (attention vs matmuls vs dequantization vs the rest). The JSON records the machine, its load
+unquantized model in fp32 and in bf16 are timed one after another, each profiled at every prompt
+length with its own paths (linears vs attention vs dequantization vs the rest; a table per phase). The JSON records the machine, its load
 before and after, every choice, and whether each target was met:
 
 * w4 decode ≥ 2× fp32 and ≥ 1.2× bf16 at every prompt length;
 * w4 TTFT ≤ bf16 TTFT at every prompt length.
 
 Compare only numbers from one run: on a shared machine the load changes between runs.
+
+``--micro`` times no whole model: per SmolLM2 linear shape (random w4g64 weights) the int4 kernel,
+the dense path (fused unpack + bf16 matmul; the eager five-pass unpack next to it), a bf16 and an
+fp32 linear at 1 row and at every prompt length, and attention per prompt length in bf16 and fp32;
+then sums them over the model's 210 linears. Short calls, fastest of a few, by default one thread:
+the figures that decisions rest on when the machine is too loaded for whole-model numbers. The
+file records the load average around the run.
 """
 
 from __future__ import annotations
@@ -26,7 +35,11 @@ import json
 import sys
 from pathlib import Path
 
-from _compare import compare, print_table, save_random_model, write_plot
+import os
+import time
+
+import torch
+from _compare import compare, machine, print_table, save_random_model, write_plot
 from _quant import ROOT, quant, rel
 
 from quantcli.bench.run import BenchParams
@@ -53,6 +66,109 @@ def check_targets(result: dict) -> dict:
     return out
 
 
+PHASES = ("wall_ms", "matmul_ms", "attention_ms", "dequantize_ms", "other_ms")
+
+
+def profile_rows(result: dict) -> list[tuple[str, int, str, dict]]:
+    """``(model, prompt_len, phase, split)`` for every profiled row of every model in ``result``."""
+    models = {"w4": result["results"], **{n: b["results"] for n, b in result["baselines"].items()}}
+    return [(name, r["prompt_len"], phase, r["profile"][phase])
+            for name, rows in models.items() for r in rows if "profile" in r for phase in ("prefill", "decode_per_step")]
+
+
+def print_profile(result: dict) -> None:
+    """Where the time goes: ms per phase (prefill: one call; decode: per step) by model and prompt length."""
+    rows = profile_rows(result)
+    if not rows:
+        return
+    print(f"\n{'model':>5} {'prompt':>6} {'phase':>7} {'wall':>9} {'linears':>9} {'attention':>9} {'dequant':>9} {'other':>9}  (ms; op self time)")
+    for name, length, phase, split in rows:
+        cells = " ".join(f"{split[k]:>9.1f}" for k in PHASES)
+        print(f"{name:>5} {length:>6} {phase.replace('_per_step', ''):>7} {cells}")
+
+
+# SmolLM2-135M's linears per decoder layer: (out, in) → how many
+SMOLLM2_LINEARS = {"q_proj,o_proj": ((576, 576), 2), "k_proj,v_proj": ((192, 576), 2),
+                   "gate_proj,up_proj": ((1536, 576), 2), "down_proj": ((576, 1536), 1)}
+
+
+def micro(lens: list[int], threads: int, reps: int) -> dict:
+    """Per-shape and whole-model sums of linear and attention times (see the module docstring)."""
+    from transformers import LlamaConfig
+
+    from quantcli.bench.kernels import Int4WeightOnlyLinear, fused_unpacker, unpack_cpu_int4pack
+    from quantcli.bench.latency import fastest_ms
+    from quantcli.bench.paths import time_attention
+    from quantcli.quant import QuantSpec, quantize_weight
+
+    torch.set_num_threads(threads)
+    load_before, started = os.getloadavg(), time.time()
+    unpack, how = fused_unpacker()
+    gen = torch.Generator().manual_seed(0)
+    counts = [1, *lens]
+    shapes, totals = {}, {m: {"w4_int4": 0.0, "w4_dense": 0.0, "w4_best": 0.0, "bf16": 0.0, "fp32": 0.0} for m in counts}
+    unpack_total = {"eager_ms": 0.0, "fused_ms": 0.0}
+    layers = SMOLLM2["num_hidden_layers"]
+    with torch.inference_mode():
+        for names, ((n, k), per_layer) in SMOLLM2_LINEARS.items():
+            w = torch.randn(n, k, generator=gen) * 0.02
+            layer = Int4WeightOnlyLinear.from_quantized(quantize_weight(w, QuantSpec(wbits=4, group=64)))
+            scale, offset = layer.scale_and_zero.unbind(-1)
+            shift = (offset.float() - 8 * scale.float()).t().contiguous().to(torch.bfloat16)
+            w16, w32 = layer.dense_weight(), layer.dense_weight().float()
+            row = {"count": per_layer * layers,
+                   "unpack_eager_ms": fastest_ms(lambda: unpack_cpu_int4pack(layer.packed, scale.t(), shift, 64), reps),
+                   "unpack_fused_ms": fastest_ms(lambda: unpack(layer.packed, scale.t(), shift, 64), reps)}
+            for key in ("eager", "fused"):
+                unpack_total[f"{key}_ms"] += row[f"unpack_{key}_ms"] * row["count"]
+            for m in counts:
+                x = torch.randn(m, k, generator=gen)
+                xb = x.bfloat16()
+                r = max(1, reps if m <= 1000 else reps // 2)
+                layer.dense_from = None
+                t = {"w4_int4": fastest_ms(lambda: layer(xb), r)}
+                layer.dense_from = 0
+                t["w4_dense"] = fastest_ms(lambda: layer(xb), r)
+                t["w4_best"] = min(t["w4_int4"], t["w4_dense"])
+                t["bf16"] = fastest_ms(lambda: torch.nn.functional.linear(xb, w16), r)
+                t["fp32"] = fastest_ms(lambda: torch.nn.functional.linear(x, w32), r)
+                row[str(m)] = {key: round(v, 4) for key, v in t.items()}
+                for key, v in t.items():
+                    totals[m][key] += v * row["count"]
+            shapes[f"{names} [{n}x{k}]"] = row
+    config = LlamaConfig(**SMOLLM2)
+    attention = {}
+    for m in lens:
+        attention[str(m)] = {
+            f"{phase}_{str(dt).replace('torch.', '')}_ms": round(
+                time_attention(config, m, 1, dt, dt, phase, torch.device("cpu"), reps=max(1, reps // 2)), 3)
+            for phase in ("prefill", "decode") for dt in (torch.bfloat16, torch.float32)
+        }
+    return {
+        "what": "micro-benchmarks (no whole model): SmolLM2-135M linear shapes with random w4g64 weights, "
+                "fastest of a few calls; model sums = per-shape ms × count (210 linears, lm_head excluded)",
+        "threads": threads, "reps": reps, "unpack": how,
+        "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
+        "wall_s": round(time.time() - started, 1),
+        "shapes": shapes,
+        "model_linears_ms": {str(m): {k: round(v, 2) for k, v in t.items()} for m, t in totals.items()},
+        "model_unpack_ms": {k: round(v, 2) for k, v in unpack_total.items()},
+        "attention_ms_all_layers": attention,
+        "machine": machine(),
+    }
+
+
+def print_micro(res: dict) -> None:
+    print(f"unpack of all 210 linears: eager {res['model_unpack_ms']['eager_ms']:.1f} ms, "
+          f"fused {res['model_unpack_ms']['fused_ms']:.1f} ms ({res['unpack']})")
+    print(f"{'rows':>6} {'w4 int4':>10} {'w4 dense':>10} {'w4 best':>10} {'bf16':>10} {'fp32':>10}  (ms, 210 linears)")
+    for m, t in res["model_linears_ms"].items():
+        print(f"{m:>6} " + " ".join(f"{t[k]:>10.1f}" for k in ("w4_int4", "w4_dense", "w4_best", "bf16", "fp32")))
+    for m, t in res["attention_ms_all_layers"].items():
+        print(f"attention @{m}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    print(f"threads {res['threads']}; loadavg before {res['loadavg']['before']}, after {res['loadavg']['after']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=None)
@@ -62,8 +178,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    ap.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled per prompt length (0: none)")
+    ap.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
+    ap.add_argument("--micro", action="store_true", help="micro-benchmarks only (see above)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    lens = [int(x) for x in args.prompt_lens.split(",")]
+    if args.micro:
+        res = micro(lens, args.threads or 1, max(2, args.reps))
+        res["command"] = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+        out = Path(args.out or ROOT / "benchmarks" / "results" / "speed_micro.json")
+        out.write_text(json.dumps(res, indent=1))
+        print_micro(res)
+        print(f"\nwrote {rel(out)}")
+        return
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / "speed.json")
 
     work = ROOT / "benchmarks" / "results" / "work"
     artifact = args.artifact
@@ -77,8 +206,8 @@ def main() -> None:
     elif artifact is None:
         artifact = quant("rtn", "--w4", "--group", "64", "-o", str(work / "rtn-w4g64"), "--force", "-q")
     params = BenchParams(
-        prompt_lens=tuple(int(x) for x in args.prompt_lens.split(",")), gen=args.gen, reps=args.reps, warmup=1,
-        device=args.device, threads=args.threads,
+        prompt_lens=tuple(lens), gen=args.gen, reps=args.reps, warmup=1,
+        device=args.device, threads=args.threads, profile_steps=args.profile_steps,
     )
     result = compare(artifact, params, ("fp32", "bf16"), log=lambda m: print(m, file=sys.stderr, flush=True))
     result["input"] = rel(artifact)
@@ -87,14 +216,17 @@ def main() -> None:
     result["command"] = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    write_plot(result, Path(args.out).with_suffix(".png"))
+    write_plot(result, Path(args.plot) if args.plot else Path(args.out).with_suffix(".png"))
     print_table(result)
     for length, row in result["targets"].items():
         missed = [f"{k} {v['ratio']:.2f} < {v['target']}" for k, v in row.items() if not v["met"]]
         print(f"targets @{length}: {'all met' if not missed else 'MISSED ' + ', '.join(missed)}")
-    print(f"profile (ms) quantized: {result['profile']}")
-    for name, base in result["baselines"].items():
-        print(f"profile (ms) {name}: {base['profile']}")
+    print(f"dense prefill: unpack {result['kernels']['dense_prefill_unpack'] or 'not used'}; per shape "
+          + ", ".join(f"{k} from {v['dense_from']}" for k, v in result["kernels"]["dense_prefill_shapes"].items()))
+    for length, chosen in (result.get("paths") or {}).get("per_prompt_len", {}).items():
+        if chosen:
+            print(f"attention @{length}: measured {chosen['measured_ms']}")
+    print_profile(result)
     print(f"\nwrote {rel(args.out)}")
 
 

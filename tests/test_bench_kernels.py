@@ -308,9 +308,10 @@ def _multipass_dense_weight(layer: Int4WeightOnlyLinear) -> torch.Tensor:
 def test_fused_unpack_equals_multipass_bit_for_bit(spec: QuantSpec, act_order: bool) -> None:
     """Catches a fused unpacker that swaps nibbles or block rows, drops the bf16 rounding of the
     shift, rounds ``q·scale`` before adding, or reads a permuted (g_idx) layout in the wrong order."""
-    unpack, how = kernels.fused_unpacker()
-    if how != kernels.UNPACK_FUSED:
-        pytest.skip(f"torch.compile unavailable here: {how}")
+    _, how = kernels.fused_unpacker()
+    if "torch.compile failed" in how:
+        pytest.skip(f"no compiler for torch.compile here: {how}")
+    assert how == kernels.UNPACK_FUSED  # not a fallback because the compiled unpacker disagreed
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(192, 256, generator=gen) * torch.rand(192, 1, generator=gen)
     qw = quantize_weight(w, spec)

@@ -16,10 +16,12 @@ Kernels used, all from ATen (no extra dependency):
 
 Prefill path: a low-bit kernel wins at one token (decode: it reads 4× fewer bytes) but can lose
 badly to the device's dense bf16 matmul on many tokens (on CPUs with AMX the int4 kernel is 5-20×
-slower at 1000 tokens). :func:`choose_dense_threshold` times both on each weight shape once; from the
-measured token count on, a layer dequantizes its packed weight to bf16 once per call and runs the
-dense matmul (``dequant-per-call+dense``). The weight stays packed in memory; every choice, with the
-timings behind it, is in :class:`KernelReport`.
+slower at 1000 tokens). :func:`choose_dense_threshold` times both on each weight shape once, at the
+token counts that will run (every prompt length); from the measured token count on, a layer
+dequantizes its packed weight to bf16 once per call, in one fused pass (:func:`unpack_cpu_int4pack`
+compiled by :func:`fused_unpacker`), and runs the dense matmul (``dequant-per-call+dense``). The
+weight stays packed in memory, no dense copy is cached; every choice, with the timings behind it,
+and how the unpacking ran, is in :class:`KernelReport`.
 
 Activations are cast to bf16 for the kernels (the CPU int4 kernel is many times slower on fp32
 activations) and the output is cast back to the input dtype. After swapping, move a model with
@@ -175,21 +177,24 @@ def int8_unsupported(qw: QuantizedWeight, device: str | torch.device) -> str:
 
 
 def unpack_cpu_int4pack(packed: Tensor, scale: Tensor, shift: Tensor, group: int) -> Tensor:
-    """``w = q·scale + shift`` in bf16 from the CPU int4 pack (``_convert_weight_to_int4pack_for_cpu``).
+    """The transposed weight ``wᵀ = q·scale + shift``, bf16 ``[K, N]``, from the CPU int4 pack.
 
-    ``packed``: uint8 ``[N, K/2]`` holding 64-row blocks as ``[K, 32]`` bytes whose low nibble is row
-    ``j`` and high nibble row ``j + 32`` of the block. ``scale``, ``shift``: bf16 ``[N, K/group]``
-    (``shift = offset − 8·scale`` rounded to bf16). Returns bf16 ``[N, K]``; each element is
-    ``round_bf16(shift + q·scale)`` computed in float32 (``addcmul``'s rounding). Run eagerly this is
-    five passes over weight-sized tensors (split nibbles, stack, transpose, cast, addcmul);
-    compiled by :func:`fused_unpacker` it is one loop that reads each byte once and writes each
-    weight once, with the same bits (``q·scale`` is exact in float32: 4 × 8 significant bits).
+    ``packed``: uint8 ``[N, K/2]`` from ``_convert_weight_to_int4pack_for_cpu``, i.e. 64-row blocks
+    stored as ``[K, 32]`` bytes whose low nibble is row ``j`` and high nibble row ``j + 32`` of the
+    block. ``scale``, ``shift``: bf16 ``[K/group, N]`` (the kernel's own ``scale_and_zero`` layout;
+    ``shift = offset − 8·scale`` rounded to bf16). Each element is ``round_bf16(shift + q·scale)``
+    computed in float32, as ``addcmul`` rounds. Transposed because this pack is row-block-major:
+    for each ``k`` the 32 bytes of a block give 64 consecutive output rows, so every byte is read
+    once and the writes are contiguous (``x @ wᵀ`` is then a plain matmul). Eagerly this is five
+    passes (shift, mask, permute, cast, addcmul); compiled by :func:`fused_unpacker` it is one loop
+    with the same bits (``q·scale`` is exact in float32: 4 × 8 significant bits, so a fused
+    multiply-add rounds as ``addcmul`` does).
     """
-    n = scale.shape[0]
+    n = scale.shape[1]
     k = packed.numel() * 2 // n
-    v = packed.view(n // 64, k, 32)
-    q = torch.stack((v & 15, v >> 4), dim=1).transpose(2, 3).reshape(n, k // group, group)
-    return torch.addcmul(shift[..., None], q.to(KERNEL_DTYPE), scale[..., None]).view(n, k)
+    nibbles = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device).view(1, 1, 2, 1)
+    q = ((packed.view(n // 64, k, 1, 32) >> nibbles) & 15).permute(1, 0, 2, 3).reshape(k // group, group, n)
+    return torch.addcmul(shift[:, None, :], q.to(KERNEL_DTYPE), scale[:, None, :]).view(k, n)
 
 
 _FUSED: dict[str, object] = {}  # "fn": the unpacker in use, "how": what it is (for the report)
@@ -197,15 +202,17 @@ _FUSED: dict[str, object] = {}  # "fn": the unpacker in use, "how": what it is (
 
 def fused_unpacker() -> tuple[Callable[..., Tensor], str]:
     """``(unpack, how)``: :func:`unpack_cpu_int4pack` compiled into one fused pass by
-    ``torch.compile`` (inductor, compiled on first use and cached on disk by torch), or, where that
+    ``torch.compile`` (inductor; compiled once per weight shape on first use, cached on disk by
+    torch; past dynamo's recompile limit of 8 shapes torch runs it eagerly, same bits), or, where it
     cannot compile (no C++ compiler, an unsupported build), the eager five-pass version, with
     ``how`` saying which and why. Decided once per process, on a small probe weight."""
     if "fn" not in _FUSED:
-        compiled = torch.compile(unpack_cpu_int4pack, dynamic=True)  # one compile for every weight shape
+        # static shapes: one compile per weight shape (dynamic shapes compiled 20× slower code)
+        compiled = torch.compile(unpack_cpu_int4pack, dynamic=False)
         gen = torch.Generator().manual_seed(0)
         packed = torch.randint(0, 256, (64, 32), dtype=torch.uint8, generator=gen)
-        scale = torch.rand(64, 1, generator=gen).to(KERNEL_DTYPE)
-        shift = torch.randn(64, 1, generator=gen).to(KERNEL_DTYPE)
+        scale = torch.rand(1, 64, generator=gen).to(KERNEL_DTYPE)
+        shift = torch.randn(1, 64, generator=gen).to(KERNEL_DTYPE)
         try:
             same = torch.equal(compiled(packed, scale, shift, 64), unpack_cpu_int4pack(packed, scale, shift, 64))
         except Exception as err:  # inductor reports a missing compiler etc. with many exception types
@@ -298,13 +305,14 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The dequantized weight ``[N, K]`` in bf16 (columns in kernel order, i.e. permuted by ``perm``),
-        made in one fused pass over the packed bytes where :func:`fused_unpacker` compiles
-        (see :func:`unpack_cpu_int4pack`); the weight lives only for the call that asked for it."""
+        a transposed view of :func:`unpack_cpu_int4pack`'s ``[K, N]``, made in one fused pass where
+        :func:`fused_unpacker` compiles. It lives only for the call that asked for it: no dense copy
+        is kept (the transient peak is one layer's bf16 weight)."""
         scale, offset = self.scale_and_zero.unbind(-1)  # [K/G, N] each: w = scale·(q − 8) + offset
-        shift = (offset.float() - 8 * scale.float()).t().contiguous().to(KERNEL_DTYPE)  # [N, K/G], 1/G of the weight
+        shift = (offset.float() - 8 * scale.float()).to(KERNEL_DTYPE)  # [K/G, N]: 1/G of the weight
         unpack, _ = fused_unpacker()
         with torch.profiler.record_function(DEQUANT_LABEL):
-            return unpack(self.packed, scale.t(), shift, self.group_size)
+            return unpack(self.packed, scale, shift, self.group_size).t()
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = _flatten(x, self.perm)

@@ -210,6 +210,7 @@ def measure_prefill_decode(
     seed: int = 0,
     progress: Progress | None = None,
     configure: Callable[[int], dict] | None = None,
+    profile: Callable[[int], dict] | None = None,
 ) -> list[dict]:
     """Time prefill and greedy decode for each prompt length on synthetic token ids.
 
@@ -220,7 +221,8 @@ def measure_prefill_decode(
     the mean per-step latency) with ``_min/_max/_std``, ``decode_tok_s`` (``batch`` / median step),
     and ``peak_mem_bytes`` (GPU max allocated, or process peak RSS on CPU). ``configure(L)``, when
     given, sets the model up for length ``L`` before its runs (untimed) and returns what it chose,
-    stored as the row's ``paths``.
+    stored as the row's ``paths``. ``profile(L)``, when given, runs after the timed reps (same
+    configuration) and its result is stored as the row's ``profile``.
     """
     device = torch.device(device)
     vocab = _text_config(model.config).vocab_size
@@ -253,5 +255,9 @@ def measure_prefill_decode(
             row.update(_summary(decodes, "decode_ms"))
             row["decode_tok_s"] = batch / (row["decode_ms"] / 1e3)
         row["peak_mem_bytes"] = peak_memory_bytes(device)
+        if profile is not None:
+            if progress:
+                progress(f"prompt {length}: profiling")
+            row["profile"] = profile(length)
         rows.append(row)
     return rows

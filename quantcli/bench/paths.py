@@ -239,7 +239,7 @@ ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::so
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # and the low-bit kernels (…pack_mm…)
 
 
-def profile_phases(model: nn.Module, length: int, steps: int, device: torch.device, seed: int = 0) -> dict:
+def profile_phases(model: nn.Module, length: int, steps: int, device: torch.device, seed: int = 0, batch: int = 1) -> dict:
     """Milliseconds of one prefill of ``length`` tokens and of ``steps`` decode steps, split by
     torch.profiler self time into attention (SDPA, KV-cache append, softmax), matmuls (low-bit
     kernels, dense and lm_head), dequantization (the dense-prefill unpacking) and everything else.
@@ -250,7 +250,7 @@ def profile_phases(model: nn.Module, length: int, steps: int, device: torch.devi
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
     extra = _forward_kwargs(model)
     out = {}
     with torch.inference_mode():

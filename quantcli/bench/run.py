@@ -29,7 +29,7 @@ from quantcli.bench.latency import (
     weight_bytes,
 )
 from quantcli.bench.moe import expert_call_stats, group_experts
-from quantcli.bench.paths import fastest_paths, native_bf16_cpu
+from quantcli.bench.paths import fastest_paths, native_bf16_cpu, profile_phases
 from quantcli.errors import InputError
 from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
 
@@ -48,6 +48,8 @@ class BenchParams:
     baseline: None, or fp32/bf16/fp16: also time the unquantized base model in that dtype.
     memory_budget: bytes for weights + KV cache in the capacity estimate (None: free memory + weights).
     threads:  CPU threads for torch (None: torch's default, one per core).
+    profile_steps: after timing each prompt length, profile one prefill and this many decode steps
+              (torch.profiler: linears, attention, dequantization, the rest; 0: no profile).
     fast_paths: choose per phase what runs fastest (see :mod:`quantcli.bench.paths`): dense prefill
               for quantized linears from a measured token count, and with ``dtype="auto"`` the KV
               cache / prefill attention dtype per prompt length. False: kernels always, one dtype.
@@ -65,6 +67,7 @@ class BenchParams:
     threads: int | None = None
     seed: int = 0
     fast_paths: bool = True
+    profile_steps: int = 0
 
 
 def parse_bytes(text: str) -> int:
@@ -152,10 +155,13 @@ def bench_model(
     ``dtype``. ``configure(L)`` (see :func:`measure_prefill_decode`) sets per-length paths.
     """
     device = torch.device(params.device)
+    profile = None
+    if params.profile_steps:
+        profile = lambda length: profile_phases(model, length, params.profile_steps, device, params.seed, params.batch)  # noqa: E731
     rows = measure_prefill_decode(
         model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
-        configure=configure,
+        configure=configure, profile=profile,
     )
     if configure is not None:
         configure(None)  # back to the serving dtype before sizing weights and KV cache
