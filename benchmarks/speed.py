@@ -106,7 +106,7 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
     unpack, how = fused_unpacker()
     gen = torch.Generator().manual_seed(0)
     counts = [1, *lens]
-    shapes, totals = {}, {m: {"w4_int4": 0.0, "w4_dense": 0.0, "w4_best": 0.0, "bf16": 0.0, "fp32": 0.0} for m in counts}
+    shapes, totals = {}, {m: {"w4_int4": 0.0, "w4_dense": 0.0, "w4_best": 0.0, "bf16": 0.0, "bf16_kn": 0.0, "fp32": 0.0} for m in counts}
     unpack_total = {"eager_ms": 0.0, "fused_ms": 0.0}
     layers = SMOLLM2["num_hidden_layers"]
     with torch.inference_mode():
@@ -114,11 +114,13 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
             w = torch.randn(n, k, generator=gen) * 0.02
             layer = Int4WeightOnlyLinear.from_quantized(quantize_weight(w, QuantSpec(wbits=4, group=64)))
             scale, offset = layer.scale_and_zero.unbind(-1)
-            shift = (offset.float() - 8 * scale.float()).t().contiguous().to(torch.bfloat16)
-            w16, w32 = layer.dense_weight(), layer.dense_weight().float()
+            shift = (offset.float() - 8 * scale.float()).to(torch.bfloat16)
+            # the baselines' nn.Linear layout: weight [N, K] contiguous (the dense path's is [K, N])
+            w16, w32 = layer.dense_weight().contiguous(), layer.dense_weight().float().contiguous()
+            w16_kn = w16.t().contiguous().t()  # the same weight stored [K, N], as the dense path makes it
             row = {"count": per_layer * layers,
-                   "unpack_eager_ms": fastest_ms(lambda: unpack_cpu_int4pack(layer.packed, scale.t(), shift, 64), reps),
-                   "unpack_fused_ms": fastest_ms(lambda: unpack(layer.packed, scale.t(), shift, 64), reps)}
+                   "unpack_eager_ms": fastest_ms(lambda: unpack_cpu_int4pack(layer.packed, scale, shift, 64), reps),
+                   "unpack_fused_ms": fastest_ms(lambda: unpack(layer.packed, scale, shift, 64), reps)}
             for key in ("eager", "fused"):
                 unpack_total[f"{key}_ms"] += row[f"unpack_{key}_ms"] * row["count"]
             for m in counts:
@@ -131,6 +133,7 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
                 t["w4_dense"] = fastest_ms(lambda: layer(xb), r)
                 t["w4_best"] = min(t["w4_int4"], t["w4_dense"])
                 t["bf16"] = fastest_ms(lambda: torch.nn.functional.linear(xb, w16), r)
+                t["bf16_kn"] = fastest_ms(lambda: torch.nn.functional.linear(xb, w16_kn), r)
                 t["fp32"] = fastest_ms(lambda: torch.nn.functional.linear(x, w32), r)
                 row[str(m)] = {key: round(v, 4) for key, v in t.items()}
                 for key, v in t.items():
@@ -146,7 +149,9 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
         }
     return {
         "what": "micro-benchmarks (no whole model): SmolLM2-135M linear shapes with random w4g64 weights, "
-                "fastest of a few calls; model sums = per-shape ms × count (210 linears, lm_head excluded)",
+                "fastest of a few calls; model sums = per-shape ms × count (210 linears, lm_head excluded). "
+                "One weight per shape is called repeatedly, so it sits in cache: the 1-row (decode) sums "
+                "understate the fp32/bf16 models, whose 30 layers of weights stream from memory each step",
         "threads": threads, "reps": reps, "unpack": how,
         "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
         "wall_s": round(time.time() - started, 1),
@@ -161,9 +166,9 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
 def print_micro(res: dict) -> None:
     print(f"unpack of all 210 linears: eager {res['model_unpack_ms']['eager_ms']:.1f} ms, "
           f"fused {res['model_unpack_ms']['fused_ms']:.1f} ms ({res['unpack']})")
-    print(f"{'rows':>6} {'w4 int4':>10} {'w4 dense':>10} {'w4 best':>10} {'bf16':>10} {'fp32':>10}  (ms, 210 linears)")
+    print(f"{'rows':>6} {'w4 int4':>10} {'w4 dense':>10} {'w4 best':>10} {'bf16':>10} {'bf16 [K,N]':>10} {'fp32':>10}  (ms, 210 linears)")
     for m, t in res["model_linears_ms"].items():
-        print(f"{m:>6} " + " ".join(f"{t[k]:>10.1f}" for k in ("w4_int4", "w4_dense", "w4_best", "bf16", "fp32")))
+        print(f"{m:>6} " + " ".join(f"{t[k]:>10.1f}" for k in ("w4_int4", "w4_dense", "w4_best", "bf16", "bf16_kn", "fp32")))
     for m, t in res["attention_ms_all_layers"].items():
         print(f"attention @{m}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     print(f"threads {res['threads']}; loadavg before {res['loadavg']['before']}, after {res['loadavg']['after']}")

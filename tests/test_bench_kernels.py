@@ -259,7 +259,7 @@ def test_bench_cli_reports_paths_and_writes_plot(tiny_model_dir, tmp_path) -> No
     assert rtn.exit_code == 0, rtn.output
     png = tmp_path / "plots" / "latency.png"
     res = runner.invoke(app, ["bench", str(tmp_path / "rtn"), "--prompt-lens", "8,16", "--gen", "2", "--reps", "1",
-                              "--warmup", "0", "--baseline", "fp32", "--plot", str(png), "--json", "-q"])
+                              "--warmup", "0", "--baseline", "fp32", "--plot", str(png), "--profile-steps", "2", "--json", "-q"])
     assert res.exit_code == 0, res.output
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -268,6 +268,12 @@ def test_bench_cli_reports_paths_and_writes_plot(tiny_model_dir, tmp_path) -> No
         assert chosen["prefill"]["attention"] in ("bfloat16", "float32")
         assert sum(chosen["decode"]["linears"].values()) == len(out["kernels"]["layers"])
     assert {"blocks", "max_batch"} <= set(out["kv_cache"])
+    # the dense-prefill choice was measured at the lengths run (16 is no default probe)
+    probed = [set(shape["dense_ms"]) for shape in out["kernels"]["dense_prefill_shapes"].values() if "dense_ms" in shape]
+    assert probed and all({"8", "16"} <= keys for keys in probed), out["kernels"]["dense_prefill_shapes"]
+    for model in (out, out["baseline"]):  # a per-phase profile at every prompt length
+        for row in model["results"]:
+            assert row["profile"]["prefill"]["wall_ms"] > 0 and "dequantize_ms" in row["profile"]["decode_per_step"]
 
 
 def test_plot_without_matplotlib_is_one_line_error(monkeypatch, tmp_path) -> None:

@@ -62,6 +62,18 @@ def _latency_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
+def _profile_table(title: str, rows: list[dict]) -> Table:
+    """ms per phase (prefill: one call; decode: per step) split into linears, attention, dequantization, the rest."""
+    table = Table(title=f"{title} (ms, op self time)")
+    for col in ("prompt", "phase", "wall", "linears", "attention", "dequant", "other"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        for phase, split in r.get("profile", {}).items():
+            table.add_row(str(r["prompt_len"]), phase.replace("_per_step", ""), *(f"{split[k]:.1f}" for k in
+                          ("wall_ms", "matmul_ms", "attention_ms", "dequantize_ms", "other_ms")))
+    return table
+
+
 _SHORT = {INT4_CPU: "int4", INT4_CUDA: "int4", INT8: "int8", DEQUANT: "fp", DENSE: "dequant+dense bf16"}
 
 
@@ -89,11 +101,17 @@ def _print_human(result: dict) -> None:
         err.print(f"kernels on {kernels['device']}: {counts}")
         for name, reason in kernels["fallbacks"].items():
             err.print(f"  [yellow]fallback[/] {name}: dequantized fp ({reason})")
+        if kernels.get("dense_prefill_unpack"):
+            err.print(f"dense prefill unpacks int4 weights per call: {kernels['dense_prefill_unpack']}")
+        for shape, probe in kernels["dense_prefill_shapes"].items():
+            err.print(f"  {shape}: {probe['reason']}")
     for note in result["notes"]:
         err.print(f"note: {note}")
     if result.get("paths"):
         err.print(_paths_table(result["paths"]))
     err.print(_latency_table(f"{result['kind']} on {result['device']} ({result['dtype']} activations)", result["results"]))
+    if any("profile" in r for r in result["results"]):
+        err.print(_profile_table("where the time goes", result["results"]))
     kv, budget = result["kv_cache"], result["memory_budget"]
     err.print(
         f"weights {_mb(result['weight_bytes'])}, peak memory {_mb(result['peak_mem_bytes'])}; "
@@ -103,6 +121,8 @@ def _print_human(result: dict) -> None:
     if "baseline" in result:
         base = result["baseline"]
         err.print(_latency_table(f"baseline {base['dtype']}", base["results"]))
+        if any("profile" in r for r in base["results"]):
+            err.print(_profile_table(f"baseline {base['dtype']}: where the time goes", base["results"]))
         ratios = result["ratios"]
         table = Table(title="baseline / quantized (× faster)")
         for col in ("prompt", "prefill", "decode"):
@@ -130,6 +150,7 @@ def bench_command(
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Also time the unquantized base model: fp32, bf16 or fp16.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch. Default: one per core.", min=1, show_default=False)] = None,
     seed: opt.Seed = 0,
+    profile_steps: Annotated[int, typer.Option("--profile-steps", help="After timing each prompt length, profile one prefill and this many decode steps: time in linears, attention, dequantization and the rest.", min=0)] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write a PNG of TTFT and decode latency against prompt length (needs the 'plot' extra: matplotlib).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: opt.Quiet = False,
@@ -145,7 +166,7 @@ def bench_command(
         prompt_lens=_lens(prompt_lens), gen=gen, batch=batch, reps=reps, warmup=warmup,
         device=str(resolve_device(device)), dtype=dtype,
         memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
-        baseline=baseline, threads=threads, seed=seed,
+        baseline=baseline, threads=threads, seed=seed, profile_steps=profile_steps,
     )
     with status("loading model", quiet):
         loaded = load_input(source, device="cpu")
