@@ -96,6 +96,8 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
     """Per-shape and whole-model sums of linear and attention times (see the module docstring)."""
     from transformers import LlamaConfig
 
+    import copy
+
     from quantcli.bench.kernels import Int4WeightOnlyLinear, fused_unpacker, unpack_cpu_int4pack
     from quantcli.bench.latency import fastest_ms
     from quantcli.bench.paths import time_attention
@@ -108,6 +110,7 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
     counts = [1, *lens]
     shapes, totals = {}, {m: {"w4_int4": 0.0, "w4_dense": 0.0, "w4_best": 0.0, "bf16": 0.0, "bf16_kn": 0.0, "fp32": 0.0} for m in counts}
     unpack_total = {"eager_ms": 0.0, "fused_ms": 0.0}
+    decode = {"w4_int4": 0.0, "bf16": 0.0, "fp32": 0.0}  # one row through every layer's own weights
     layers = SMOLLM2["num_hidden_layers"]
     with torch.inference_mode():
         for names, ((n, k), per_layer) in SMOLLM2_LINEARS.items():
@@ -138,20 +141,51 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
                 row[str(m)] = {key: round(v, 4) for key, v in t.items()}
                 for key, v in t.items():
                     totals[m][key] += v * row["count"]
+            # decode as the model runs it: `count` distinct weights in turn, so they stream from memory
+            layer.dense_from = None
+            xb, x = torch.randn(1, k, generator=gen).bfloat16(), torch.randn(1, k, generator=gen)
+            mods = [copy.deepcopy(layer) for _ in range(row["count"])]
+            ws16 = [w16.clone() for _ in range(row["count"])]
+            ws32 = [w32.clone() for _ in range(row["count"])]
+            sweep = {"w4_int4": lambda: [mod(xb) for mod in mods],
+                     "bf16": lambda: [torch.nn.functional.linear(xb, wi) for wi in ws16],
+                     "fp32": lambda: [torch.nn.functional.linear(x, wi) for wi in ws32]}
+            row["decode_all_layers_ms"] = {key: round(fastest_ms(fn, reps), 3) for key, fn in sweep.items()}
+            for key, v in row["decode_all_layers_ms"].items():
+                decode[key] += v
+            del mods, ws16, ws32
             shapes[f"{names} [{n}x{k}]"] = row
+        # lm_head (tied to the embedding, never quantized: bf16 in the w4 model and the bf16 baseline)
+        head32 = torch.randn(SMOLLM2["vocab_size"], SMOLLM2["hidden_size"], generator=gen) * 0.02
+        head16, h = head32.bfloat16(), torch.randn(1, SMOLLM2["hidden_size"], generator=gen)
+        lm_head = {"bf16": fastest_ms(lambda: torch.nn.functional.linear(h.bfloat16(), head16), reps),
+                   "fp32": fastest_ms(lambda: torch.nn.functional.linear(h, head32), reps)}
     config = LlamaConfig(**SMOLLM2)
-    attention = {}
+    attention, estimate = {}, {}
     for m in lens:
         attention[str(m)] = {
             f"{phase}_{str(dt).replace('torch.', '')}_ms": round(
                 time_attention(config, m, 1, dt, dt, phase, torch.device("cpu"), reps=max(1, reps // 2)), 3)
             for phase in ("prefill", "decode") for dt in (torch.bfloat16, torch.float32)
         }
+        a = attention[str(m)]
+        best_prefill = min(a["prefill_bfloat16_ms"], a["prefill_float32_ms"])
+        best_decode = min(a["decode_bfloat16_ms"], a["decode_float32_ms"])
+        w4_prefill, bf16_prefill = totals[m]["w4_best"] + best_prefill, totals[m]["bf16"] + a["prefill_bfloat16_ms"]
+        w4_dec = decode["w4_int4"] + lm_head["bf16"] + best_decode
+        fp32_dec = decode["fp32"] + lm_head["fp32"] + a["decode_float32_ms"]
+        bf16_dec = decode["bf16"] + lm_head["bf16"] + a["decode_bfloat16_ms"]
+        estimate[str(m)] = {
+            "prefill_ms": {"w4": round(w4_prefill, 1), "bf16": round(bf16_prefill, 1)},
+            "decode_ms": {"w4": round(w4_dec, 2), "fp32": round(fp32_dec, 2), "bf16": round(bf16_dec, 2)},
+            "ttft_vs_bf16": round(bf16_prefill / w4_prefill, 3),
+            "decode_vs_fp32": round(fp32_dec / w4_dec, 3), "decode_vs_bf16": round(bf16_dec / w4_dec, 3),
+        }
     return {
         "what": "micro-benchmarks (no whole model): SmolLM2-135M linear shapes with random w4g64 weights, "
                 "fastest of a few calls; model sums = per-shape ms × count (210 linears, lm_head excluded). "
                 "One weight per shape is called repeatedly, so it sits in cache: the 1-row (decode) sums "
-                "understate the fp32/bf16 models, whose 30 layers of weights stream from memory each step",
+                "understate the fp32/bf16 models; decode_linears_all_layers_ms runs each of the 210 weights in turn instead",
         "threads": threads, "reps": reps, "unpack": how,
         "loadavg": {"before": list(load_before), "after": list(os.getloadavg())},
         "wall_s": round(time.time() - started, 1),
@@ -159,6 +193,11 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
         "model_linears_ms": {str(m): {k: round(v, 2) for k, v in t.items()} for m, t in totals.items()},
         "model_unpack_ms": {k: round(v, 2) for k, v in unpack_total.items()},
         "attention_ms_all_layers": attention,
+        "decode_linears_all_layers_ms": {k: round(v, 2) for k, v in decode.items()},
+        "lm_head_ms": {k: round(v, 3) for k, v in lm_head.items()},
+        "estimate": estimate,
+        "estimate_note": "linears (w4: the faster of int4 kernel and dense path per shape) + attention (w4: the faster "
+                         "dtype) + lm_head for decode; norms, RoPE, embedding and Python overhead are left out",
         "machine": machine(),
     }
 
@@ -171,6 +210,11 @@ def print_micro(res: dict) -> None:
         print(f"{m:>6} " + " ".join(f"{t[k]:>10.1f}" for k in ("w4_int4", "w4_dense", "w4_best", "bf16", "bf16_kn", "fp32")))
     for m, t in res["attention_ms_all_layers"].items():
         print(f"attention @{m}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    print(f"decode, all 210 linears in turn (ms): {res['decode_linears_all_layers_ms']}; lm_head {res['lm_head_ms']}")
+    for m, e in res["estimate"].items():
+        print(f"estimate @{m}: TTFT w4/bf16 {e['prefill_ms']['w4']:.0f}/{e['prefill_ms']['bf16']:.0f} ms ({e['ttft_vs_bf16']:.2f}×), "
+              f"decode w4/fp32/bf16 {e['decode_ms']['w4']:.1f}/{e['decode_ms']['fp32']:.1f}/{e['decode_ms']['bf16']:.1f} ms "
+              f"({e['decode_vs_fp32']:.2f}× fp32, {e['decode_vs_bf16']:.2f}× bf16)")
     print(f"threads {res['threads']}; loadavg before {res['loadavg']['before']}, after {res['loadavg']['after']}")
 
 
