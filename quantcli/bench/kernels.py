@@ -216,7 +216,7 @@ def fused_unpacker() -> tuple[Callable[..., Tensor], str]:
         try:
             same = torch.equal(compiled(packed, scale, shift, 64), unpack_cpu_int4pack(packed, scale, shift, 64))
         except Exception as err:  # inductor reports a missing compiler etc. with many exception types
-            _FUSED.update(fn=unpack_cpu_int4pack, how=f"{UNPACK_EAGER} (torch.compile failed: {str(err).splitlines()[0][:200]})")
+            _FUSED.update(fn=unpack_cpu_int4pack, how=f"{UNPACK_EAGER} (torch.compile failed: {(str(err).splitlines() or [type(err).__name__])[0][:200]})")
         else:
             if same:
                 _FUSED.update(fn=compiled, how=UNPACK_FUSED)
