@@ -222,7 +222,10 @@ def test_capture_stops_early_but_sees_every_input():
     for h in hooks:
         h.remove()
     for stage in ctx.linears():
-        for name, (H, count) in capture_hessians(ctx, stage).items():
-            x = torch.cat(seen[name]).reshape(-1, H.shape[0])
-            assert count == x.shape[0] == 80
-            torch.testing.assert_close(H, 2 / count * x.T @ x, rtol=1e-4, atol=1e-5)
+        groups = capture_hessians(ctx, stage)
+        assert sorted(name for g in groups for name in g.names) == sorted(stage)
+        for group in groups:
+            for name in group.names:
+                x = torch.cat(seen[name]).reshape(-1, group.H.shape[0])
+                assert group.count == x.shape[0] == 80
+                torch.testing.assert_close(group.H, 2 / group.count * x.T @ x, rtol=1e-4, atol=1e-5)
