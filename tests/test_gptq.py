@@ -302,7 +302,7 @@ def test_shared_hessian_gives_the_codes_of_per_linear_hessians():
     model, ctx, boundary, acts = _tiny_layer_ctx()
     layer = ctx.module
     original = {k: v.clone() for k, v in layer.state_dict().items()}
-    result, _, _ = layer_step(GPTQ(), layer, boundary, ctx.kwargs, SPEC, ctx.arch, ctx.device, ctx.batch, acts, {})
+    result, _, _, _ = layer_step(GPTQ(), layer, boundary, ctx.kwargs, SPEC, ctx.arch, ctx.device, ctx.batch, acts, {})
     layer.load_state_dict(original)
 
     for stage in ctx.linears():  # the reference: each linear its own Hessian, stage after stage
@@ -348,7 +348,7 @@ def test_bfloat16_capture_stays_near_float32_and_propagation_stays_float32():
             if stage != ctx.linears()[0]:
                 assert rel > 0  # the forward did run in bfloat16
     layer = ctx.module
-    _, nxt, _ = layer_step(GPTQ(GPTQParams(capture_dtype="bfloat16")), layer, boundary, ctx.kwargs, SPEC, ctx.arch, ctx.device, ctx.batch, acts, {})
+    _, nxt, _, _ = layer_step(GPTQ(GPTQParams(capture_dtype="bfloat16")), layer, boundary, ctx.kwargs, SPEC, ctx.arch, ctx.device, ctx.batch, acts, {})
     assert nxt.inputs.dtype == torch.float32
     torch.testing.assert_close(nxt.inputs, layer_forward(layer, boundary.inputs, ctx.kwargs, ctx.device, ctx.batch), rtol=0, atol=0)
 
