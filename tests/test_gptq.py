@@ -222,7 +222,139 @@ def test_capture_stops_early_but_sees_every_input():
     for h in hooks:
         h.remove()
     for stage in ctx.linears():
-        for name, (H, count) in capture_hessians(ctx, stage).items():
-            x = torch.cat(seen[name]).reshape(-1, H.shape[0])
-            assert count == x.shape[0] == 80
-            torch.testing.assert_close(H, 2 / count * x.T @ x, rtol=1e-4, atol=1e-5)
+        groups = capture_hessians(ctx, stage)
+        assert sorted(name for g in groups for name in g.names) == sorted(stage)
+        for group in groups:
+            for name in group.names:
+                x = torch.cat(seen[name]).reshape(-1, group.H.shape[0])
+                assert group.count == x.shape[0] == 80
+                torch.testing.assert_close(group.H, 2 / group.count * x.T @ x, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- speed levers: exact, or bounded
+
+
+def _old_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """The factorisation GPTQ used before: cholesky, cholesky_inverse, cholesky again (the reference)."""
+    H = H.clone()
+    diag = H.diagonal()
+    diag[diag == 0] = 1.0
+    mean = diag.mean()
+    for attempt in range(4):
+        rel = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H + rel * mean * torch.eye(H.shape[0]))
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U, rel
+    return None, rel
+
+
+def test_reversed_cholesky_factor_equals_the_old_one(problem):
+    # catches: a wrong reversal (lower instead of upper, the factor of H instead of H⁻¹), a broken
+    # triangular inverse by halves (n = 1100 recurses twice), lost dead-column or damping handling
+    _, _, H = problem
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(3000, 1100, generator=gen) * torch.linspace(0.1, 3.0, 1100)
+    big = 2 / 3000 * X.T @ X
+    big[:, 7] = big[7, :] = 0  # a dead column
+    n = 64
+    retry = 1.03 * torch.ones(n, n) - 0.03 * torch.eye(n)  # smallest eigenvalue −0.03: fails at 0.01, factors at 0.1
+    for matrix, damp in [(H, 0.01), (big, 0.01), (retry, 0.1)]:
+        U, used = damp_and_invert(matrix, 0.01)
+        U_old, used_old = _old_factor(matrix, 0.01)
+        assert used == used_old == pytest.approx(damp)
+        assert torch.equal(U, U.triu())
+        torch.testing.assert_close(U, U_old, rtol=1e-4, atol=1e-4 * float(U_old.abs().max()))
+
+
+def _tiny_layer_ctx(batch: int = 2):
+    from quantcli.algos.driver import ActivationStore, Boundary, LayerContext
+    from quantcli.calib.capture import capture_layer_inputs
+    from quantcli.models.arch import arch_spec
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture_layer_inputs(model, model.model.layers, ids, batch=5)
+    layer = model.model.layers[0]
+    ctx = LayerContext(0, "model.layers.0", layer, inputs, None, kwargs[0], torch.device("cpu"), SPEC, arch_spec(model), batch=batch)
+    return model, ctx, Boundary(0, inputs), ActivationStore()
+
+
+def _inputs_of(layer, names, run) -> dict[str, torch.Tensor]:
+    """Every input each named linear receives while ``run()`` runs, as ``[tokens, in]``."""
+    seen: dict[str, list] = {name: [] for name in names}
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]).float())) for n in names]
+    run()
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(xs) for n, xs in seen.items()}
+
+
+def test_shared_hessian_gives_the_codes_of_per_linear_hessians():
+    # catches: rows of the stacked q/k/v (gate/up) handed to the wrong linear, one linear's Hessian
+    # used for another input, a stage captured before the earlier one was written back, and
+    # the observed stage-1 Hessian counted twice (k and v folding it again)
+    from quantcli.algos.driver import layer_step
+
+    model, ctx, boundary, acts = _tiny_layer_ctx()
+    layer = ctx.module
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    result, _, _, _ = layer_step(GPTQ(), layer, boundary, ctx.kwargs, SPEC, ctx.arch, ctx.device, ctx.batch, acts, {})
+    layer.load_state_dict(original)
+
+    for stage in ctx.linears():  # the reference: each linear its own Hessian, stage after stage
+        xs = _inputs_of(layer, stage, lambda: ctx.forward())
+        for name in stage:
+            x = xs[name]
+            H = 2 / x.shape[0] * x.T @ x
+            ref = gptq_quantize(layer.get_submodule(name).weight.data, H, SPEC, GPTQParams())
+            assert torch.equal(result.quantized[name].codes, ref.weight.codes), name
+            assert torch.equal(result.quantized[name].scale, ref.weight.scale), name
+        for name in stage:
+            layer.get_submodule(name).weight.data.copy_(result.quantized[name].dequantize())
+    assert set(result.quantized) == {n for stage in ctx.linears() for n in stage}
+
+
+def test_observed_stage1_hessian_equals_a_captured_one():
+    # catches: observe recording another linear's input (o_proj, the MLP), folding q/k/v's input
+    # three times, or missing mini-batches of the targets forward
+    from quantcli.algos.gptq import capture_hessians
+
+    _, ctx, _, _ = _tiny_layer_ctx()
+    with GPTQ().observe(ctx.module) as seen:
+        ctx.forward()
+    observed = seen["hessian"]
+    (captured,) = capture_hessians(ctx, ctx.linears()[0])
+    assert sorted(observed.names) == sorted(captured.names) == sorted(ctx.linears()[0])
+    assert observed.count == captured.count == 80
+    torch.testing.assert_close(observed.H, captured.H, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_capture_stays_near_float32_and_propagation_stays_float32():
+    # catches: Hessians accumulated in bfloat16 (or from a layer left in bfloat16), a capture dtype
+    # that is ignored, and autocast leaking into the propagated stream (which must stay exact)
+    from quantcli.algos.driver import layer_forward, layer_step
+    from quantcli.algos.gptq import capture_hessians
+
+    _, ctx, boundary, acts = _tiny_layer_ctx()
+    for stage in ctx.linears():
+        for exact, low in zip(capture_hessians(ctx, stage), capture_hessians(ctx, stage, torch.bfloat16)):
+            assert exact.names == low.names and low.H.dtype == torch.float32
+            rel = float((low.H - exact.H).norm() / exact.H.norm())
+            assert rel < 2e-2, (stage, rel)  # bfloat16 keeps 8 bits: ~0.4 % per input, less once averaged
+            if stage != ctx.linears()[0]:
+                assert rel > 0  # the forward did run in bfloat16
+    layer = ctx.module
+    _, nxt, _, _ = layer_step(GPTQ(GPTQParams(capture_dtype="bfloat16")), layer, boundary, ctx.kwargs, SPEC, ctx.arch, ctx.device, ctx.batch, acts, {})
+    assert nxt.inputs.dtype == torch.float32
+    torch.testing.assert_close(nxt.inputs, layer_forward(layer, boundary.inputs, ctx.kwargs, ctx.device, ctx.batch), rtol=0, atol=0)
+
+
+def test_capture_dtype_is_checked_and_recorded():
+    from quantcli.errors import SpecError
+
+    with pytest.raises(SpecError, match="--capture-dtype"):
+        GPTQParams(capture_dtype="int8")

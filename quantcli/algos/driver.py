@@ -256,42 +256,11 @@ def run_blockwise(
     for index in range(boundary.index, len(source.layers)):
         t0 = time.time()
         layer = source.onload_layer(index, device)
-        inputs, fp_inputs = boundary.inputs, boundary.fp_inputs
         kwargs = {k: to_device(v, device) for k, v in layer_kwargs[index].items()}
-        fp_in = inputs if fp_inputs is None else fp_inputs
-        observe = getattr(algo, "observe", None)
-        with nullcontext({}) if data_free or observe is None else observe(layer) as seen:
-            targets = None if data_free else layer_forward(layer, fp_in, kwargs, device, batch, acts.empty(fp_in.shape))
-        ctx = LayerContext(
-            index, f"{prefix}.{index}", layer, inputs, targets, kwargs, device, spec, arch, batch,
-            upstream(index), report=lambda **m: on_update(index=index, **m), seen=seen,
+        layer_result, boundary, loss, forward_seconds = layer_step(
+            algo, layer, boundary, kwargs, spec, arch, device, batch, acts, upstream(index),
+            report=lambda **m: on_update(index=index, **m),
         )
-        layer_result = algo.run_layer(ctx)
-        for rel, value in layer_result.overrides.items():
-            layer.get_parameter(rel).data.copy_(value.to(device))
-        for rel, qw in layer_result.quantized.items():
-            layer.get_submodule(rel).weight.data.copy_(qw.dequantize().to(device))
-        loss = forward_seconds = None
-        if not data_free:  # the next layer sees this one as evaluation will: activations (and KV) quantized too
-            names, static = list(layer_result.quantized), None
-            if spec.act_static and names and not spec.weight_only:
-                static = calibrate_static_inputs(layer, names, spec, lambda: layer_forward(layer, inputs, kwargs, device, batch))
-                layer_result.act_qparams.update(static)
-            hooks = install_spec_hooks(layer, names, spec, static)
-            forward_started = time.time()
-            outputs = layer_forward(layer, inputs, kwargs, device, batch, acts.empty(inputs.shape))
-            forward_seconds = time.time() - forward_started
-            for hook in hooks:
-                hook.remove()
-            if not torch.isfinite(outputs).all():
-                raise NumericalError(
-                    f"layer {index} ({prefix}.{index}): its quantized outputs contain NaN or Inf; "
-                    f"layers before it are kept, re-run with other parameters (or the same to retry)"
-                )
-            loss = dist.all_mean(torch.mean((outputs - targets).float() ** 2).item(), outputs.numel())
-            boundary = Boundary(index + 1, outputs, targets if fp_inputs is not None else None)
-        else:
-            boundary = Boundary(index + 1)
         source.offload_layer(index)
 
         seconds = time.time() - t0
@@ -313,3 +282,58 @@ def run_blockwise(
     config.use_cache = use_cache
     result.seconds = time.time() - started
     return result
+
+
+def layer_step(
+    algo: LayerAlgo,
+    layer: nn.Module,
+    boundary: Boundary,
+    kwargs: dict,
+    spec: QuantSpec,
+    arch: ArchSpec,
+    device: torch.device,
+    batch: int,
+    acts: ActivationStore,
+    upstream: dict[str, Tensor],
+    report: Callable[..., None] = lambda **_: None,
+) -> tuple[LayerResult, Boundary, float | None, float | None]:
+    """One layer of :func:`run_blockwise`: ``layer`` (on ``device``) receives ``boundary``.
+
+    Computes the full-precision targets (with the algorithm's ``observe`` entered around them),
+    runs the algorithm, writes its weights into ``layer``, and forwards the quantized layer.
+    Returns the algorithm's result, the boundary of the next layer, the loss and the seconds of
+    the propagation forward (both None when data-free).
+    """
+    index, inputs, fp_inputs = boundary.index, boundary.inputs, boundary.fp_inputs
+    data_free = inputs is None
+    name = f"{arch.layers_path}.{index}"
+    fp_in = inputs if fp_inputs is None else fp_inputs
+    observe = getattr(algo, "observe", None)
+    with nullcontext({}) if data_free or observe is None else observe(layer) as seen:
+        targets = None if data_free else layer_forward(layer, fp_in, kwargs, device, batch, acts.empty(fp_in.shape))
+    ctx = LayerContext(index, name, layer, inputs, targets, kwargs, device, spec, arch, batch, upstream, report=report, seen=seen)
+    layer_result = algo.run_layer(ctx)
+    for rel, value in layer_result.overrides.items():
+        layer.get_parameter(rel).data.copy_(value.to(device))
+    for rel, qw in layer_result.quantized.items():
+        layer.get_submodule(rel).weight.data.copy_(qw.dequantize().to(device))
+    if data_free:
+        return layer_result, Boundary(index + 1), None, None
+    # the next layer sees this one as evaluation will: activations (and KV) quantized too
+    names, static = list(layer_result.quantized), None
+    if spec.act_static and names and not spec.weight_only:
+        static = calibrate_static_inputs(layer, names, spec, lambda: layer_forward(layer, inputs, kwargs, device, batch))
+        layer_result.act_qparams.update(static)
+    hooks = install_spec_hooks(layer, names, spec, static)
+    forward_started = time.time()
+    outputs = layer_forward(layer, inputs, kwargs, device, batch, acts.empty(inputs.shape))
+    forward_seconds = time.time() - forward_started
+    for hook in hooks:
+        hook.remove()
+    if not torch.isfinite(outputs).all():
+        raise NumericalError(
+            f"layer {index} ({name}): its quantized outputs contain NaN or Inf; "
+            f"layers before it are kept, re-run with other parameters (or the same to retry)"
+        )
+    loss = dist.all_mean(torch.mean((outputs - targets).float() ** 2).item(), outputs.numel())
+    return layer_result, Boundary(index + 1, outputs, targets if fp_inputs is not None else None), loss, forward_seconds

@@ -26,11 +26,12 @@ raised damping listed under the layer's ``fallbacks`` metric).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from quantcli import dist
 from quantcli.algos.driver import LayerContext, LayerResult
@@ -40,6 +41,7 @@ from quantcli.models.arch import expand
 from quantcli.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize_affine, quantize_affine, quantize_weight
 
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
+CAPTURE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class GPTQParams:
     true_sequential:      capture each stage's inputs after the earlier stages of the layer are quantized.
     min_expert_tokens:    a MoE expert that saw fewer calibration tokens (rarely routed) is rounded to nearest;
                           dense linears always get GPTQ, however few tokens calibrate them.
+    capture_dtype:        dtype of the forwards that capture the linears' inputs (and of the loss-only targets
+                          forward): float32, bfloat16, float16, or auto (bfloat16 where the device runs it fast).
+                          The Hessians are accumulated in float32; the propagated stream stays float32.
     """
 
     damp: float = 0.01
@@ -59,12 +64,15 @@ class GPTQParams:
     static_groups: bool = True
     true_sequential: bool = True
     min_expert_tokens: int = 64
+    capture_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.damp > 0:
             raise SpecError(f"--damp {self.damp}: use a positive fraction of mean(diag H), e.g. 0.01")
         if self.block_size < 1:
             raise SpecError(f"--block-size {self.block_size}: use a positive number of columns, e.g. 128")
+        if self.capture_dtype not in CAPTURE_DTYPES:
+            raise SpecError(f"--capture-dtype {self.capture_dtype}: use one of {', '.join(CAPTURE_DTYPES)}")
 
 
 class GPTQOutput(NamedTuple):
@@ -103,9 +111,13 @@ def hessian_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
 def damp_and_invert(H: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tuple[Tensor | None, float]:
     """Upper Cholesky factor ``U: [in, in]`` of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``.
 
+    One Cholesky factorisation of the index-reversed matrix and one triangular inverse: with
+    ``J`` the reversal, ``J H J = L Lᵀ`` gives ``H = R Rᵀ`` with ``R = J L J`` upper triangular,
+    so ``H⁻¹ = Uᵀ U`` with ``U = R⁻¹`` upper triangular, positive on the diagonal: the factor.
     Dead columns (zero diagonal: inputs that were always zero) get 1 on the diagonal, so they are
     rounded to nearest without touching the others. When a factorisation fails the damping is
-    multiplied by 10, up to ``retries`` times. Returns ``(U, damp used)``, or ``(None, last damp
+    multiplied by 10, up to ``retries`` times (a factorisation whose smallest pivot² is below
+    ``λ / 2`` fails too: that cannot happen for a positive semi-definite ``H``). Returns ``(U, damp used)``, or ``(None, last damp
     tried)`` when ``H`` cannot be factored (non-finite, non-positive diagonal, every retry failed).
     ``H`` is not modified.
     """
@@ -115,15 +127,38 @@ def damp_and_invert(H: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tupl
     mean = diag.mean()
     if not (torch.isfinite(H).all() and mean > 0):
         return None, damp
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    reversed_ = H.flip(0, 1)
+    rel = damp
     for attempt in range(retries + 1):
         rel = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + (rel * mean) * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
+        damped = reversed_.clone()
+        damped.diagonal().add_(rel * mean)
+        L, info = torch.linalg.cholesky_ex(damped)
+        # H positive semi-definite ⇒ every pivot² ≥ λ_min(H + λ I) ≥ λ; a smaller one means H is
+        # indefinite beyond rounding (its inverse would not be factorable either): damp more
+        if info == 0 and L.diagonal().min() ** 2 >= 0.5 * rel * mean:
+            U = upper_triangular_inverse(L.flip(0, 1))
+            if torch.isfinite(U).all():
                 return U, rel
     return None, rel
+
+
+def upper_triangular_inverse(R: Tensor, leaf: int = 512) -> Tensor:
+    """``R⁻¹`` of an upper triangular ``R: [n, n]`` (upper triangular too), by halves:
+    ``[[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹ B C⁻¹], [0, C⁻¹]]`` — about ``n³ / 3`` multiply-adds, as a
+    dedicated triangular inverse, where one triangular solve against the identity costs ``n³``."""
+    n = R.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=R.dtype, device=R.device)
+        return torch.linalg.solve_triangular(R, eye, upper=True)
+    h = n // 2
+    out = torch.zeros_like(R)
+    A_inv = out[:h, :h]
+    A_inv.copy_(upper_triangular_inverse(R[:h, :h], leaf))
+    C_inv = upper_triangular_inverse(R[h:, h:], leaf)
+    out[h:, h:] = C_inv
+    out[:h, h:] = -(A_inv @ R[:h, h:]) @ C_inv
+    return out
 
 
 def _hessian_problem(H: Tensor) -> str | None:
@@ -168,8 +203,21 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     ``clip: [out, in // group]`` optional AWQ clip ratios. Returns the quantized weight (codes in
     the original column order; ``g_idx`` only with act order without static groups), its error,
     the damping used, and a fallback reason when ``H`` was unusable and the linear was rounded to
-    nearest instead (never raises on a bad Hessian).
+    nearest instead (never raises on a bad Hessian). The rows are independent given ``H``: linears
+    that see the same inputs can be quantized as one ``W`` (their rows stacked).
     """
+    return _gptq_rows(W, H, spec, params, clip)[0]
+
+
+def _mean_diag(H: Tensor) -> Tensor:
+    """``mean(diag H)`` with dead columns counted as 1, as :func:`damp_and_invert` damps."""
+    diag = H.diagonal().float()
+    return torch.where(diag == 0, torch.ones_like(diag), diag).mean()
+
+
+@torch.no_grad()
+def _gptq_rows(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, clip: Tensor | None) -> tuple[GPTQOutput, Tensor | None]:
+    """:func:`gptq_quantize`, with the error per row ``[out]`` (float64; None after a fallback)."""
     W = W.float()
     out_features, n = W.shape
     group = spec.group_for(n)
@@ -179,41 +227,57 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
         raise ValueError("AWQ clip ratios belong to contiguous groups: use static groups with act order")
 
     if (problem := _hessian_problem(H)) is not None:
-        return rtn_fallback(W, H, spec, clip, problem)
+        return rtn_fallback(W, H, spec, clip, problem), None
     perm = torch.argsort(H.diagonal(), descending=True) if params.act_order else torch.arange(n, device=W.device)
     U, damp = damp_and_invert(H[perm][:, perm], params.damp)
     if U is None:
-        return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}")
+        return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}"), None
 
     Wp = W[:, perm].clone()  # visiting order; corrected in place, column by column
     codes = torch.empty(out_features, n, dtype=torch.uint8, device=W.device)
     if params.static_groups:
         scale, zero = compute_qparams(W, spec.wbits, group, spec.sym, clip)
-        group_of = (perm // group).tolist()  # each visited column keeps its original contiguous group
+        group_index = perm // group  # each visited column keeps its original contiguous group
+        group_of = group_index.tolist()
     else:
         scale = torch.empty(out_features, n_groups, device=W.device)
         zero = torch.empty_like(scale)
         group_of = [i // group for i in range(n)]  # groups form in visiting order
 
+    squared = torch.zeros(out_features, dtype=torch.float64, device=W.device)  # ‖E‖² per row
+    diag_u = U.diagonal().tolist()
     for i1, i2 in _blocks(n, group, params.block_size):
         errors = torch.empty(out_features, i2 - i1, device=W.device)
+        if params.static_groups:  # every column's parameters are known: gather the block's at once
+            cols = group_index[i1:i2]
+            block_scale, block_zero = scale[:, cols], zero[:, cols]
         for i in range(i1, i2):
-            j = group_of[i]
-            if not params.static_groups and i % group == 0:
-                ratio = None if clip is None else clip[:, j : j + 1]
-                scale[:, j : j + 1], zero[:, j : j + 1] = compute_qparams(Wp[:, i : i + group], spec.wbits, group, spec.sym, ratio)
-            w, s, z = Wp[:, i], scale[:, j], zero[:, j]
+            if params.static_groups:
+                s, z = block_scale[:, i - i1], block_zero[:, i - i1]
+            else:
+                j = group_of[i]
+                if i % group == 0:
+                    ratio = None if clip is None else clip[:, j : j + 1]
+                    scale[:, j : j + 1], zero[:, j : j + 1] = compute_qparams(Wp[:, i : i + group], spec.wbits, group, spec.sym, ratio)
+                s, z = scale[:, j], zero[:, j]
+            w = Wp[:, i]
             q = quantize_affine(w, s, z, spec.wbits)
-            codes[:, i] = q.to(torch.uint8)
-            e = (w - dequantize_affine(q, s, z)) / U[i, i]
+            codes[:, i] = q
+            e = (w - dequantize_affine(q, s, z)) / diag_u[i]
             Wp[:, i + 1 : i2].addr_(e, U[i, i + 1 : i2], alpha=-1)
             errors[:, i - i1] = e
+        squared += errors.double().pow(2).sum(dim=1)
         Wp[:, i2:].addmm_(errors, U[i1:i2, i2:], alpha=-1)
 
     inverse = torch.argsort(perm)
     g_idx = torch.tensor(group_of, dtype=torch.int32, device=W.device)[inverse] if permuted_groups else None
     weight = QuantizedWeight(codes[:, inverse], scale, zero, group, g_idx)
-    return GPTQOutput(weight, hessian_error(W, weight.dequantize(), H), damp, None)
+    # W − Q = E U (E: the scaled errors), and U H_d Uᵀ = I for the damped H_d = H + λ I (+ 1 on dead
+    # columns' diagonal), so tr((W−Q) H (W−Q)ᵀ) = ‖E‖² − λ ‖W−Q‖² − ‖(W−Q) on dead columns‖²
+    D = (W - weight.dequantize()).double()
+    dead = H.diagonal() == 0
+    row_err = squared - damp * float(_mean_diag(H)) * D.pow(2).sum(dim=1) - D[:, dead].pow(2).sum(dim=1)
+    return GPTQOutput(weight, float(row_err.sum()), damp, None), row_err
 
 
 # --------------------------------------------------------------------------- the layer algorithm
@@ -223,38 +287,93 @@ class _Captured(Exception):
     """Every linear of the stage has seen this mini-batch: the rest of the layer need not run."""
 
 
-@torch.no_grad()
-def capture_hessians(ctx: LayerContext, names: list[str]) -> dict[str, tuple[Tensor, int]]:
-    """Run the layer over ``ctx.inputs`` and return each named linear's ``(H, tokens seen)``.
+@dataclass
+class HessianGroup:
+    """Linears fed the same input tensor (q/k/v; gate/up) and their one running Hessian ``H``
+    over ``count`` tokens. A routed expert sees its own tokens: it is a group of its own."""
 
-    Each mini-batch stops as soon as all the named linears have seen their inputs. A routed
-    expert only sees the tokens sent to it, so its count may be small or zero.
+    names: list[str]
+    H: Tensor
+    count: int = 0
+
+
+class _HessianHooks:
+    """Forward pre-hooks that fold each distinct input of the named linears into a Hessian once.
+
+    A linear called with the very tensor an earlier one of the same forward received joins that
+    one's group (decided on its first call, checked on every later one). With ``first_only`` only
+    the first input the layer's linears see is recorded (the input of its first stage).
     """
-    state = {name: [make_hessian(ctx.module.get_submodule(name).in_features, ctx.device), 0] for name in names}
-    waiting: set[str] = set()
 
-    def hook(name):
-        def accumulate(_module, args):
-            entry = state[name]
-            entry[1] = accumulate_hessian(entry[0], args[0], entry[1])
-            waiting.discard(name)
-            if not waiting:
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, first_only: bool = False):
+        self.device, self.first_only = device, first_only
+        self.groups: dict[str, HessianGroup] = {}  # leader name → group
+        self.leader: dict[str, str | None] = {}  # name → its group's leader (None: not recorded)
+        self.latest: dict[str, Tensor] = {}  # leader → the input it folded last
+        self.waiting: set[str] = set()
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def fold(_module, args):
+            x = args[0]
+            if name not in self.leader:
+                lead = next((k for k, seen in self.latest.items() if seen is x), None)
+                if lead is not None:
+                    self.groups[lead].names.append(name)
+                elif self.first_only and self.groups:
+                    lead = None
+                else:
+                    lead = name
+                    self.groups[name] = HessianGroup([name], make_hessian(x.shape[-1], self.device))
+                self.leader[name] = lead
+            lead = self.leader[name]
+            if lead == name:
+                group = self.groups[name]
+                group.count = accumulate_hessian(group.H, x, group.count)
+                self.latest[name] = x
+            elif lead is not None and self.latest.get(lead) is not x:
+                raise RuntimeError(f"{name} shares {lead}'s Hessian but received another input")
+            self.waiting.discard(name)
+            if not self.waiting and not self.first_only:
                 raise _Captured
 
-        return accumulate
+        return fold
 
-    handles = [ctx.module.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.latest.clear()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def capture_hessians(ctx: LayerContext, names: list[str], dtype: torch.dtype = torch.float32) -> list[HessianGroup]:
+    """Run the layer over ``ctx.inputs`` (computing in ``dtype``) and return the named linears'
+    Hessians, one per group of linears fed the same input, in the order of ``names``.
+
+    Each mini-batch stops as soon as all the named linears have seen their inputs. A routed
+    expert only sees the tokens sent to it, so its count may be small or zero (a zero Hessian
+    when no token reached it).
+    """
+    hooks = _HessianHooks({name: ctx.module.get_submodule(name) for name in names}, ctx.device)
     try:
         for start in range(0, ctx.inputs.shape[0], ctx.batch):
-            waiting.update(names)
+            hooks.waiting.update(names)
             try:
-                ctx.module(ctx.inputs[start : start + ctx.batch].to(ctx.device), **ctx.kwargs)
+                with _autocast(ctx.device, dtype):
+                    ctx.module(ctx.inputs[start : start + ctx.batch].to(ctx.device), **ctx.kwargs)
             except _Captured:
                 pass
     finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (H, count) for name, (H, count) in state.items()}
+        hooks.remove()
+    for name in names:  # never called (an expert no token was routed to)
+        if name not in hooks.leader:
+            hooks.groups[name] = HessianGroup([name], make_hessian(ctx.module.get_submodule(name).in_features, ctx.device))
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(hooks.groups.values(), key=lambda g: order[g.names[0]])
 
 
 def expert_linears(layer, arch) -> list[str]:
@@ -262,15 +381,40 @@ def expert_linears(layer, arch) -> list[str]:
     return [name for stage in arch.sequential for pattern in stage if "*" in pattern for name in expand(layer, pattern)]
 
 
+def resolve_capture_dtype(name: str, device) -> torch.dtype:
+    """``auto``: bfloat16 where the device runs it fast, else float32 (as AWQ's search dtype)."""
+    from quantcli.algos.awq import resolve_search_dtype
+
+    return resolve_search_dtype(name, device)
+
+
 @dataclass(frozen=True)
 class GPTQ:
     params: GPTQParams = GPTQParams()
     needs_fp_stream: bool = False
 
+    @contextmanager
+    def observe(self, layer: nn.Module):
+        """Record the Hessian of the layer's first stage (q/k/v: the linears fed the layer's first
+        linear input) during the driver's targets forward, which sees exactly the inputs GPTQ would
+        capture for it. With a bfloat16 capture dtype that forward runs under autocast too: GPTQ
+        uses its targets only for the driver's loss metric."""
+        device = next(layer.parameters()).device
+        hooks = _HessianHooks({n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}, device, first_only=True)
+        seen: dict = {}
+        try:
+            with _autocast(device, resolve_capture_dtype(self.params.capture_dtype, device)):
+                yield seen
+        finally:
+            hooks.remove()
+        if hooks.groups:
+            seen["hessian"] = next(iter(hooks.groups.values()))
+
     def run_layer(self, ctx: LayerContext) -> LayerResult:
         if ctx.inputs is None:
             raise ValueError("GPTQ needs calibration inputs")
         p = self.params
+        dtype = resolve_capture_dtype(p.capture_dtype, ctx.device)
         stages = ctx.linears()
         if not p.true_sequential:
             stages = [[name for stage in stages for name in stage]]
@@ -278,31 +422,61 @@ class GPTQ:
         gptq_err = rtn_err = 0.0
         fallbacks: list[str] = []  # one note per linear not quantized as configured
         experts = set(expert_linears(ctx.module, ctx.arch))
-        for stage in stages:
-            hessians = dist.all_mean_counted(capture_hessians(ctx, stage))  # summed over ranks; earlier stages are already quantized in place
-            for name in stage:
-                linear = ctx.module.get_submodule(name)
-                W, (H, count) = linear.weight.data, hessians.pop(name)
-                clip = ctx.upstream.get(f"{name}.clip")
-                clip = None if clip is None else clip.to(W.device)
-                if name in experts and count < p.min_expert_tokens:
-                    res = rtn_fallback(W, H, ctx.spec, clip, f"expert saw {count} calibration tokens (< --min-expert-tokens {p.min_expert_tokens})")
-                else:
-                    res = gptq_quantize(W, H, ctx.spec, p, clip)
-                gptq_err += res.err
-                rtn_err += res.err if res.fallback else hessian_error(W, quantize_weight(W, ctx.spec, clip).dequantize(), H)
-                if res.fallback is not None:
-                    fallbacks.append(f"{name}: rounded to nearest ({res.fallback})")
-                elif res.damp != p.damp:
-                    fallbacks.append(f"{name}: damping raised to {res.damp:g} (Cholesky failed at {p.damp:g})")
-                linear.weight.data.copy_(res.weight.dequantize().to(W.dtype))
-                quantized[name] = _to_cpu(res.weight)
+        observed: HessianGroup | None = ctx.seen.get("hessian")
+        for k, stage in enumerate(stages):
+            groups: list[HessianGroup] = []
+            if k == 0 and observed is not None and (known := [n for n in stage if n in observed.names]):
+                groups.append(HessianGroup(known, observed.H, observed.count))  # from the targets forward
+            todo = [n for n in stage if not any(n in g.names for g in groups)]
+            if todo:
+                groups += capture_hessians(ctx, todo, dtype)  # earlier stages are already quantized in place
+            reduced = dist.all_mean_counted({g.names[0]: (g.H, g.count) for g in groups})  # summed over ranks
+            for group in groups:
+                H, count = reduced[group.names[0]]
+                group_err, group_rtn, notes = self._quantize_group(ctx, group.names, H, count, experts, quantized)
+                gptq_err += group_err
+                rtn_err += group_rtn
+                fallbacks += notes
                 del H
             ctx.report(gptq_err=gptq_err, rtn_err=rtn_err)
         metrics: dict = {"gptq_err": gptq_err, "rtn_err": rtn_err}
         if fallbacks:
             metrics["fallbacks"] = fallbacks
         return LayerResult(quantized=quantized, metrics=metrics)
+
+    def _quantize_group(self, ctx: LayerContext, names: list[str], H: Tensor, count: int, experts: set[str], quantized: dict) -> tuple[float, float, list[str]]:
+        """GPTQ on the stacked rows of the linears ``names`` (one Hessian, one factorisation);
+        writes the dequantized weights into the layer and the codes into ``quantized``."""
+        p = self.params
+        linears = [ctx.module.get_submodule(name) for name in names]
+        weights = [linear.weight.data for linear in linears]
+        W = torch.cat(weights) if len(weights) > 1 else weights[0]
+        clips = [ctx.upstream.get(f"{name}.clip") for name in names]
+        clip = None
+        if any(c is not None for c in clips):
+            n_groups = W.shape[1] // ctx.spec.group_for(W.shape[1])
+            clip = torch.cat([torch.ones(w.shape[0], n_groups) if c is None else c.float() for w, c in zip(weights, clips)]).to(W.device)
+        notes: list[str] = []
+        if all(name in experts for name in names) and count < p.min_expert_tokens:
+            res = rtn_fallback(W, H, ctx.spec, clip, f"expert saw {count} calibration tokens (< --min-expert-tokens {p.min_expert_tokens})")
+        else:
+            res, _rows = _gptq_rows(W, H, ctx.spec, p, clip)
+        rtn = res.err if res.fallback else hessian_error(W, quantize_weight(W, ctx.spec, clip).dequantize(), H)
+        start = 0
+        for name, linear, w in zip(names, linears, weights):
+            rows = slice(start, start + w.shape[0])
+            start += w.shape[0]
+            qw = res.weight
+            part = qw if len(names) == 1 else QuantizedWeight(  # own storage: artifacts refuse shared tensors
+                qw.codes[rows].clone(), qw.scale[rows].clone(), qw.zero[rows].clone(), qw.group, None if qw.g_idx is None else qw.g_idx.clone()
+            )
+            if res.fallback is not None:
+                notes.append(f"{name}: rounded to nearest ({res.fallback})")
+            elif res.damp != p.damp:
+                notes.append(f"{name}: damping raised to {res.damp:g} (Cholesky failed at {p.damp:g})")
+            linear.weight.data.copy_(part.dequantize().to(w.dtype))
+            quantized[name] = _to_cpu(part)
+        return res.err, rtn, notes
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

@@ -34,6 +34,13 @@ TrueSequential = Annotated[
     bool,
     typer.Option("--true-sequential/--no-true-sequential", help="Capture each stage's inputs after the earlier stages of the layer are quantized."),
 ]
+CaptureDtype = Annotated[
+    str,
+    typer.Option(
+        "--capture-dtype",
+        help="Dtype of the forwards that capture the linears' inputs: auto (bfloat16 where the device runs it fast), float32, bfloat16, float16. Hessians accumulate in float32.",
+    ),
+]
 MinExpertTokens = Annotated[int, typer.Option("--min-expert-tokens", help="A MoE expert that saw fewer calibration tokens is rounded to nearest (dense linears never are).", min=0)]
 
 
@@ -48,10 +55,11 @@ def gptq_command(
     static_groups: StaticGroups = GPTQParams.static_groups,
     true_sequential: TrueSequential = GPTQParams.true_sequential,
     min_expert_tokens: MinExpertTokens = GPTQParams.min_expert_tokens,
+    capture_dtype: CaptureDtype = GPTQParams.capture_dtype,
     run: RunArgs = RunArgs(),
 ) -> None:
     """Quantize every linear with GPTQ: round column by column, feeding the error into the columns still to come."""
-    params = GPTQParams(damp, block_size, act_order, static_groups, true_sequential, min_expert_tokens)
+    params = GPTQParams(damp, block_size, act_order, static_groups, true_sequential, min_expert_tokens, capture_dtype)
     plan = plan_stage("gptq", input, weights, run)
 
     def build(loaded) -> StageParams:
