@@ -18,6 +18,7 @@ import copy
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -101,64 +102,104 @@ def write_packed(
     out = Path(out_dir)
     check_format(fmt, spec, {})  # what the spec alone rules out, before any work; each layer's linears are checked as packed
     check_output_free(out, force)
-    source = InMemoryModel(model) if isinstance(model, nn.Module) else model
-    skeleton, layers_path = source.model, source.arch.layers_path
-    ignore = [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
-    count = len(source.layers) + 1
-    shard_name = lambda k: f"model-{k + 1:05d}-of-{count:05d}.safetensors"  # noqa: E731
-    weight_map: dict[str, str] = {}
+    source = layer_source(model)
+    layers_path = source.arch.layers_path
+    ignore = [name for name, module in source.model.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
     configs: list[dict] = []
-    total_size, saved_dtype = 0, dtype
+    saved_dtype = dtype
 
-    def write_shard(k: int, module: nn.Module, prefix: str, state: dict[str, Tensor], names: list[str]) -> None:
-        nonlocal total_size, saved_dtype
-        linears = {name: quantized[name] for name in names}
-        packed, quantization_config = WRITERS[fmt](linears, spec, ignore)
+    def pack_shard(state: dict[str, Tensor], prefix: str | None) -> dict[str, Tensor]:
+        """One shard: the fp tensors of ``state`` (a layer's, or with ``prefix=None`` those outside
+        the layers) but the quantized linears' weights, and those linears packed."""
+        nonlocal saved_dtype
+        names = [n for n in quantized if n.startswith(prefix)] if prefix else [n for n in quantized if not n.startswith(f"{layers_path}.")]
+        fp = full_precision_state(state, names, dtype)
+        packed, quantization_config = WRITERS[fmt]({name: quantized[name] for name in names}, spec, ignore)
         packed.update(pack_input_scales(names, spec, act_qparams or {}))  # only formats with activations get here
         configs.append(quantization_config)
-        clash = sorted(set(state) & set(packed))
+        clash = sorted(set(fp) & set(packed))
         if clash:
             raise InputError(f"{out}: packed tensor {clash[0]} clashes with a model tensor of the same name")
-        tensors = {**state, **packed}
-        save_file(tensors, str(tmp / shard_name(k)), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard_name(k)))
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        saved_dtype = saved_dtype or next((t.dtype for t in state.values() if t.is_floating_point()), None)
+        saved_dtype = saved_dtype or next((t.dtype for t in fp.values() if t.is_floating_point()), None)
+        return {**fp, **packed}
 
     with atomic_directory(out) as tmp:
-        for index in range(len(source.layers)):
-            layer = source.onload_layer(index, "cpu")
-            prefix = f"{layers_path}.{index}."
-            names = [name for name in quantized if name.startswith(prefix)]
-            strip_norm_offsets(layer)
-            state = full_precision_state(layer.state_dict(), [name[len(prefix) :] for name in names], dtype)
-            write_shard(index, layer, prefix, {prefix + key: value for key, value in state.items()}, names)
-            del layer, state
-            source.offload_layer(index)
-        with source.outside_layers("cpu", head=True) as whole:
-            state = {}
-            for path in outer_paths(whole, layers_path, head=True):
-                module = whole.get_submodule(path)
-                strip_norm_offsets(module)
-                state.update({f"{path}.{key}": value for key, value in module.state_dict().items()})
-            names = [name for name in quantized if not name.startswith(f"{layers_path}.")]
-            state = full_precision_state(_drop_tied(whole, state), names, dtype)
-            write_shard(count - 1, whole, "", state, names)
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-
-        config = copy.deepcopy(skeleton.config)
+        write_layer_shards(tmp, source, _hf_norms_state, pack_shard)
+        config = copy.deepcopy(source.model.config)
         config.quantization_config = _merge_configs(configs)
         recorded_base = {} if base is None else {BASE_MODEL: base.ref, BASE_CONFIG_SHA256: base.config_sha256}
         config.quantcli = {"version": __version__, **(provenance or {}), **recorded_base, "spec": spec.to_dict(), "format": fmt}
         if saved_dtype is not None:
             config.dtype = saved_dtype
-        config.save_pretrained(tmp)
-        generation = _generation_config(source)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_beside(tmp, source, config, tokenizer)
     return out
+
+
+def layer_source(model):
+    """``model`` as a layer source: a :class:`StreamedModel` as it is, a model in memory wrapped."""
+    return InMemoryModel(model) if isinstance(model, nn.Module) else model
+
+
+def _hf_norms_state(module: nn.Module) -> dict[str, Tensor]:
+    """``module``'s state dict with offset norms put back in the Hugging Face form (in place)."""
+    strip_norm_offsets(module)
+    return module.state_dict()
+
+
+def write_layer_shards(
+    directory: Path,
+    source,
+    state_of: Callable[[nn.Module], dict[str, Tensor]],
+    finish: Callable[[dict[str, Tensor], str | None], dict[str, Tensor]] = lambda state, _prefix: state,
+) -> None:
+    """Write a model's weights into ``directory`` as Hugging Face shards, one decoder layer at a time.
+
+    source:   a layer source (:class:`quantcli.models.stream.StreamedModel`, whose layers are read
+              from their checkpoint and replayed as they are onloaded, or :class:`InMemoryModel`).
+    state_of: the tensors of one module, names relative to it (e.g. ``hf_state_dict``).
+    finish:   ``(state, prefix) → tensors`` to store, from one shard's state (full names): a decoder
+              layer's under ``prefix`` (``"model.layers.3."``), or with ``prefix=None`` that of the
+              modules outside the layers, without the output head when the config ties it to the
+              input embeddings (loaders re-tie it).
+    Shard ``k`` of ``n`` is ``model-0000k-of-0000n.safetensors``: one per layer, the last for the
+    rest; ``model.safetensors.index.json`` maps every tensor to its shard. Peak memory is one layer.
+    """
+    layers_path, count = source.arch.layers_path, len(source.layers) + 1
+    weight_map: dict[str, str] = {}
+    total_size = 0
+
+    def save(k: int, tensors: dict[str, Tensor]) -> None:
+        nonlocal total_size
+        name = f"model-{k + 1:05d}-of-{count:05d}.safetensors"
+        save_file({key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    for index in range(len(source.layers)):
+        prefix = f"{layers_path}.{index}."
+        layer = source.onload_layer(index, "cpu")
+        save(index, finish({prefix + key: value for key, value in state_of(layer).items()}, prefix))
+        del layer
+        source.offload_layer(index)
+    with source.outside_layers("cpu", head=True) as model:
+        tied = tied_keys(model)
+        state = {}
+        for path in outer_paths(model, layers_path, head=True):
+            state.update({f"{path}.{key}": value for key, value in state_of(model.get_submodule(path)).items()})
+        save(count - 1, finish({key: value for key, value in state.items() if key not in tied}, None))
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def save_beside(directory: Path, source, config, tokenizer) -> None:
+    """``config`` (a ``PretrainedConfig``), the generation config and the tokenizer (unless None) into
+    ``directory``; a model streamed from a checkpoint keeps that checkpoint's generation config."""
+    config.save_pretrained(directory)
+    generation = _generation_config(source)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def _merge_configs(configs: list[dict]) -> dict:
@@ -170,12 +211,6 @@ def _merge_configs(configs: list[dict]) -> dict:
             if isinstance(value, bool):
                 merged[key] = merged[key] or value
     return merged
-
-
-def _drop_tied(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` without the output head's weight when the config ties it to the input embeddings
-    (a streamed model reads the two as separate tensors; loaders re-tie them)."""
-    return {key: value for key, value in state.items() if key not in tied_keys(model)}
 
 
 def _generation_config(source):
