@@ -35,7 +35,8 @@ class QuantizedCodes(Mapping[str, QuantizedWeight]):
 
     The names come from the file's header; each value is read (``safe_open``, only that linear's
     tensors) and its codes unpacked on every access, so holding the mapping costs no memory and
-    iterating it holds one linear at a time. ``file`` is trusted (its sha256 checked by the caller).
+    iterating it holds one linear at a time. ``file`` is trusted (its sha256 checked by the caller);
+    ``None`` (an artifact without codes) gives an empty mapping.
     """
 
     def __init__(self, file: Path | None):
@@ -84,15 +85,6 @@ def read_quantized(artifact: Artifact) -> QuantizedCodes:
     """The artifact's quantized linears: module name → codes, scales, zeros (and g_idx), read lazily
     (:class:`QuantizedCodes`); the file's sha256 is checked once, here."""
     return QuantizedCodes(artifact.checked_file(QUANTIZED_FILE) if artifact.has(QUANTIZED_FILE) else None)
-
-
-def read_act_qparams(artifact: Artifact) -> dict[str, torch.Tensor]:
-    """The artifact's calibrated static activation scales: ``"<name>.input_scale"`` / ``".input_zero"`` (may be empty).
-
-    Only an ``act_static`` spec stores them, so other artifacts are not read a second time."""
-    if not (artifact.manifest.spec or {}).get("act_static"):
-        return {}
-    return read_quantized(artifact).act_qparams()
 
 
 def quantized_payload(quantized: Mapping[str, QuantizedWeight], bits: int = 8) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ def write_packed(
                 recorded there too (:func:`packed_info` reads them back, e.g. for a bench baseline).
     dtype:      dtype of the full-precision tensors (default: as they are in ``model``).
     act_qparams: calibrated ``"<linear>.input_scale"`` / ``".input_zero"`` of a ``spec.act_static``
-                artifact (``models.weights.read_act_qparams``); stored as the format's static input scales.
+                artifact (``QuantizedCodes.act_qparams``); stored as the format's static input scales.
     The weights are Hugging Face shards: ``model-0000k-of-0000n.safetensors``, one per decoder
     layer (its full-precision tensors and its linears' packed tensors) and the last for everything
     outside the layers, listed in ``model.safetensors.index.json``.
