@@ -72,6 +72,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unreadable(file: Path, exc: Exception) -> ArtifactError:
+    """The one-line error for a payload file safetensors cannot read."""
+    return ArtifactError(f"{file}: not a readable safetensors file ({exc})")
+
+
 def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -87,17 +92,22 @@ class Artifact:
     def kind(self) -> str:
         return self.manifest.kind
 
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Load one payload file (checked against its recorded sha256)."""
+    def checked_file(self, name: str) -> Path:
+        """The path of payload file ``name``, checked to exist and to match its recorded sha256."""
         file = self.path / name
         if name not in self.manifest.files or not file.is_file():
             raise ArtifactError(f"{self.path}: payload {name} is missing; re-run the stage that wrote it")
         if sha256_file(file) != self.manifest.files[name]:
             raise ArtifactError(f"{file}: contents do not match the manifest's sha256; the artifact is corrupt, re-create it")
+        return file
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Load one payload file (checked against its recorded sha256)."""
+        file = self.checked_file(name)
         try:
             return load_file(str(file))
         except SafetensorError as exc:
-            raise ArtifactError(f"{file}: not a readable safetensors file ({exc})") from None
+            raise unreadable(file, exc) from None
 
     def has(self, name: str) -> bool:
         return name in self.manifest.files

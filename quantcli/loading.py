@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from quantcli.models.arch import arch_spec, architecture_name, decoder_layers
 from quantcli.models.load import base_ref, config_hash, load_base, quiet_hub, resolve_base_dir
 from quantcli.models.act_hooks import install_spec_hooks
 from quantcli.models.stream import StreamedModel, can_stream
-from quantcli.models.weights import apply_quantized, read_act_qparams, read_quantized
+from quantcli.models.weights import QuantizedCodes, apply_quantized, read_quantized
 from quantcli.pack.load import load_packed
 from quantcli.quant import QuantizedWeight, QuantSpec
 
@@ -47,7 +48,7 @@ class Loaded:
     base: BaseModelRef
     artifact: Artifact | None = None
     spec: QuantSpec | None = None
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    quantized: Mapping[str, QuantizedWeight] = field(default_factory=dict)
     stream: StreamedModel | None = None  # when ``model`` is its meta-device skeleton
 
     @property
@@ -74,7 +75,7 @@ def spec_of(artifact: Artifact | None) -> QuantSpec | None:
     return QuantSpec.from_dict(artifact.manifest.spec)
 
 
-def replay_lineage(model: nn.Module, stages: list[StageReplay], codes: dict[str, QuantizedWeight]) -> None:
+def replay_lineage(model: nn.Module, stages: list[StageReplay], codes: Mapping[str, QuantizedWeight]) -> None:
     """Replay ``stages`` (root first) onto ``model`` layer by layer, then put ``codes`` (full names) in.
 
     Layer ``i`` gets every stage's transform in lineage order, then its own dequantized codes;
@@ -87,7 +88,7 @@ def replay_lineage(model: nn.Module, stages: list[StageReplay], codes: dict[str,
     replay_outside(stages, codes, arch)(model)
 
 
-def layer_replayer(stages: list[StageReplay], codes: dict[str, QuantizedWeight], arch) -> Callable[[int, nn.Module], None]:
+def layer_replayer(stages: list[StageReplay], codes: Mapping[str, QuantizedWeight], arch) -> Callable[[int, nn.Module], None]:
     """``f(index, layer)``: every stage's transform on decoder layer ``index``, then its codes."""
 
     def replay_layer(index: int, layer: nn.Module) -> None:
@@ -98,13 +99,13 @@ def layer_replayer(stages: list[StageReplay], codes: dict[str, QuantizedWeight],
     return replay_layer
 
 
-def replay_outside(stages: list[StageReplay], codes: dict[str, QuantizedWeight], arch) -> Callable[[nn.Module], None]:
+def replay_outside(stages: list[StageReplay], codes: Mapping[str, QuantizedWeight], arch) -> Callable[[nn.Module], None]:
     """``f(model)``: the stages' overrides and codes outside the decoder layers."""
 
     def replay(model: nn.Module) -> None:
         for stage in stages:
             stage.replay_outside_layers(model, arch)
-        apply_quantized(model, {k: v for k, v in codes.items() if not k.startswith(f"{arch.layers_path}.")})
+        apply_quantized(model, {k: codes[k] for k in codes if not k.startswith(f"{arch.layers_path}.")})
 
     return replay
 
@@ -119,13 +120,13 @@ def materialize(artifact: Artifact, quantized: bool = True) -> tuple[nn.Module, 
     return model, tokenizer
 
 
-def _rebuild(artifact: Artifact, quantized: bool, stream: bool = False) -> tuple[nn.Module, object, dict[str, QuantizedWeight], StreamedModel | None]:
+def _rebuild(artifact: Artifact, quantized: bool, stream: bool = False) -> tuple[nn.Module, object, Mapping[str, QuantizedWeight], StreamedModel | None]:
     """:func:`materialize`, also returning the codes it put in (empty when ``quantized=False``)
     and, with ``stream``, the streamed model whose skeleton ``model`` is (None when not streamed)."""
     chain = [a for a in artifact.lineage() if a.kind != "calib"]
     stages = [StageReplay.of(a) for a in chain]  # an unknown kind fails before the model loads
     base_dir = base_dir_of(chain[0])
-    codes = read_quantized(artifact) if quantized else {}
+    codes = read_quantized(artifact) if quantized else QuantizedCodes(None)
     if stream and can_stream(base_dir):  # each layer replayed as the driver or evaluation reads it
         from transformers import AutoTokenizer
 
@@ -139,7 +140,7 @@ def _rebuild(artifact: Artifact, quantized: bool, stream: bool = False) -> tuple
         replay_lineage(model, stages, codes)
     spec = spec_of(artifact)
     if quantized and spec is not None:
-        static = read_act_qparams(artifact) if spec.act_static else None  # calibrated per-tensor input scales
+        static = codes.act_qparams() if spec.act_static else None  # calibrated per-tensor input scales
         install_spec_hooks(model, sorted(codes), spec, static)
     return model, tokenizer, codes, streamed
 

@@ -9,6 +9,7 @@ calibrates on, including a parent artifact's own calibration.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -74,11 +75,13 @@ class Calibration:
 
 @dataclass(frozen=True)
 class RunParams:
-    """How a stage runs: the device, calibration samples per forward pass, and whether to replace the output."""
+    """How a stage runs: the device, calibration samples per forward pass, whether to replace the
+    output, and where the calibration activations live (None: in memory). None of it changes the result."""
 
     device: str = "auto"
     batch: int = 8
     force: bool = False
+    offload: Path | None = None  # --offload-activations: the calibration streams memory-mapped in this directory
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,20 @@ def forward_multiple(layers: list[dict]) -> float | None:
     return round(sum(m["seconds"] for m in layers) / forward, 2) if forward > 0 else None
 
 
+def activation_store(directory: Path | None) -> ActivationStore | None:
+    """The disk-backed store of ``--offload-activations directory`` (None: keep activations in memory);
+    a one-line InputError when the directory cannot be created or written."""
+    if directory is None:
+        return None
+    try:
+        store = ActivationStore(Path(directory))
+    except OSError as exc:
+        raise InputError(f"--offload-activations {directory}: cannot use it as a directory ({exc.strerror or exc}); give a writable directory") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"--offload-activations {directory}: the directory is not writable; give a writable directory")
+    return store
+
+
 def run_stage(
     stage: StageParams,
     loaded: Loaded,
@@ -198,6 +215,7 @@ def run_stage(
     again with the same inputs and parameters continues from its last finished layer.
     """
     check_output_free(out, run.force)
+    acts = acts or activation_store(run.offload)
     ids = calibration.ids if calibration is not None else None
     parts = {
         "kind": stage.kind, "params": stage.recorded, "spec": stage.spec.to_dict(), "model_config": loaded.base.config_sha256,

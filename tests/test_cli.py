@@ -332,6 +332,22 @@ def test_awq_save_transformed(calib_and_rtn, tiny_model_dir, tmp_path):
     for name, qw in codes.items():  # rounding the scaled, clipped weights gives the artifact's weights
         w = transformed.get_submodule(name).weight.data
         torch.testing.assert_close(quantize_weight(w, spec).dequantize(), qw.dequantize(), rtol=0, atol=1e-4)
+    # written layer by layer from the streamed base model: the same tensors as the eagerly materialised, clipped model
+    from safetensors.torch import load_file
+
+    from quantcli.algos.awq import clip_weights
+    from quantcli.loading import materialize
+    from quantcli.models.canonical import hf_state_dict
+
+    index = json.loads((tmp_path / "fp" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 3  # one shard per decoder layer and one for the rest
+    saved = {k: v for file in set(index.values()) for k, v in load_file(str(tmp_path / "fp" / file)).items()}
+    eager, _ = materialize(open_artifact(tmp_path / "awq"), quantized=False)
+    clip_weights(eager, open_artifact(tmp_path / "awq"), spec)
+    expected = {k: v for k, v in hf_state_dict(eager).items() if k != "lm_head.weight"}  # tied: stored once
+    assert sorted(saved) == sorted(expected)
+    for key, value in expected.items():
+        assert saved[key].dtype == torch.float32 and torch.equal(saved[key], value), key
     one_line_error(quant("awq", tiny_model_dir, "--calib", out / "calib", "--group", 32, "-o", tmp_path / "again",
                          "--save-transformed", tmp_path / "fp"), "already exists")
     assert not (tmp_path / "again").exists()  # refused before any work
@@ -382,3 +398,47 @@ def test_layer_progress_reports_eta_and_peak_memory(tiny_model_dir, tmp_path):
     first, last = layer_lines
     assert "peak RSS" in first and "GiB" in first and "eta" in first
     assert last.rstrip().endswith("eta 0s"), last
+
+
+# ---------------------------------------------------------------- --offload-activations
+
+
+def test_offload_activations_gives_the_same_artifact_and_ppl(calib_and_rtn, tiny_model_dir, tmp_path, monkeypatch):
+    """The calibration streams (and eval-ppl's hidden states) in memory-mapped files in DIR: the
+    artifact is bit-identical, the perplexity equal, and DIR is left empty."""
+    from quantcli.algos.driver import ActivationStore
+
+    out, text = calib_and_rtn
+    mapped = []
+    empty = ActivationStore.empty
+
+    def spy(self, shape):
+        mapped.append(self.directory is not None)
+        return empty(self, shape)
+
+    monkeypatch.setattr(ActivationStore, "empty", spy)
+    offload = tmp_path / "acts" / "nested"
+    args = ["--w4", "--group", 32, "--calib", out / "calib", "-q"]
+    plain = quant("gptq", tiny_model_dir, *args, "-o", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    assert mapped and not any(mapped)
+    disk = quant("gptq", tiny_model_dir, *args, "-o", tmp_path / "disk", "--offload-activations", offload)
+    assert disk.exit_code == 0, disk.output
+    assert mapped.count(True) >= 2 and offload.is_dir() and not any(offload.iterdir())
+    files = lambda name: open_artifact(tmp_path / name).manifest.files  # noqa: E731
+    assert files("disk") == files("plain")
+    mapped.clear()
+    evaluate = ["eval-ppl", out / "rtn", "--dataset", text, "--seqlen", 32, "--max-windows", 4, "--json", "-q"]
+    ppl = json.loads(quant(*evaluate).stdout)["ppl"]
+    assert ppl == json.loads(quant(*evaluate, "--offload-activations", offload).stdout)["ppl"] and True in mapped
+
+
+@pytest.mark.parametrize("command", ["gptq", "eval-ppl"])
+def test_offload_activations_bad_dir_is_one_line(command, calib_and_rtn, tiny_model_dir, tmp_path):
+    out, _ = calib_and_rtn
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["--w4", "--calib", out / "calib", "-o", tmp_path / "g"] if command == "gptq" else []
+    for bad in (blocker, blocker / "below"):
+        one_line_error(quant(command, tiny_model_dir, *args, "--offload-activations", bad), f"--offload-activations {bad}")
+    assert not (tmp_path / "g").exists()

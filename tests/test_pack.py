@@ -531,13 +531,14 @@ def test_packed_moe_loads_whole_and_refuses_a_missing_expert(tmp_path):
     loaded = load_input(str(out))
     torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
-    weights = out / "model.safetensors"
-    tensors = load_file(str(weights))
+    index = out / "model.safetensors.index.json"
+    shard = out / json.loads(index.read_text())["weight_map"]["model.layers.1.mlp.experts.2.down_proj.weight_packed"]
+    tensors = load_file(str(shard))
     dropped = [k for k in tensors if k.startswith("model.layers.1.mlp.experts.2.")]
     assert dropped
-    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(weights), metadata={"format": "pt"})
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(shard), metadata={"format": "pt"})
     with pytest.raises(InputError) as info:
         load_input(str(out))
     message = str(info.value)
-    assert "\n" not in message and str(weights) in message and "re-pack" in message
+    assert "\n" not in message and str(index) in message and "re-pack" in message
     assert "model.layers.1.mlp.experts.2.down_proj.weight" in message and "3 parameters" in message

@@ -17,8 +17,9 @@ every algorithm module, so the table is full whenever a replay is looked up.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 from torch import Tensor, nn
 
@@ -29,6 +30,8 @@ from quantcli.models.weights import OVERRIDES_FILE, apply_overrides
 
 LayerReplay = Callable[[nn.Module, ArchSpec, dict[str, Tensor]], None]
 """``replay(layer, arch, tensors)``: redo one stage's fp transform on one decoder layer in place."""
+
+V = TypeVar("V")
 
 _REPLAYS: dict[str, LayerReplay] = {}
 
@@ -64,9 +67,10 @@ def replay_for(artifact: Artifact) -> LayerReplay:
     return _REPLAYS[artifact.kind]
 
 
-def layer_tensors(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The tensors under ``prefix`` (e.g. ``"model.layers.3."``), names made relative to it."""
-    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+def layer_tensors(tensors: Mapping[str, V], prefix: str) -> dict[str, V]:
+    """The tensors under ``prefix`` (e.g. ``"model.layers.3."``), names made relative to it
+    (only those values are read from a lazy mapping)."""
+    return {key[len(prefix) :]: tensors[key] for key in tensors if key.startswith(prefix)}
 
 
 @dataclass

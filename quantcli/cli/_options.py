@@ -57,6 +57,15 @@ Batch = Annotated[
         help=f"Calibration samples per forward pass (default {RunParams.batch}; omniquant: per training step, default its training batch).",
     ),
 ]
+OffloadActivations = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--offload-activations", metavar="DIR", show_default=False,
+        help="Keep the calibration activations (each layer's inputs and full-precision outputs, samples × seqlen × hidden "
+        "float32 apiece) in memory-mapped files in DIR (created if needed) instead of RAM, so the OS can page them out; "
+        "the files are unlinked as soon as they are made, nothing is left behind. Same results, slower on a slow disk.",
+    ),
+]
 
 W2 = Annotated[bool, typer.Option("--w2", help="2-bit weights.")]
 W3 = Annotated[bool, typer.Option("--w3", help="3-bit weights.")]
@@ -214,10 +223,11 @@ class RunArgs:
     batch_size: Batch = None
     force: Force = False
     quiet: Quiet = False
+    offload_activations: OffloadActivations = None
 
     def params(self, batch: int | None = None) -> RunParams:
         """``batch``: the algorithm's own default batch, used when ``--batch-size`` is not given."""
-        return RunParams(self.device, self.batch_size or batch or RunParams.batch, self.force)
+        return RunParams(self.device, self.batch_size or batch or RunParams.batch, self.force, self.offload_activations)
 
 
 OPTION_GROUPS = (WeightArgs, CalibArgs, RunArgs)

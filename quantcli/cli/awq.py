@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
-from quantcli.algos.awq import AWQ, SEARCH_DTYPES, AWQParams, clip_weights
+from quantcli.algos.awq import AWQ, AWQ_FILE, SEARCH_DTYPES, AWQParams, clip_weights
 from quantcli.cli import _options as opt
 from quantcli.cli._console import err
 from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
@@ -70,15 +72,42 @@ def awq_command(
 
 
 def write_transformed(artifact_dir: Path, out: Path, spec, force: bool) -> None:
-    """The scaled and clipped full-precision model of an AWQ artifact, as a Hugging Face directory."""
+    """The scaled and clipped full-precision model of an AWQ artifact, as a Hugging Face directory
+    (float32 shards, one per decoder layer, each written as it is read from the base model's
+    checkpoint and replayed, so peak memory is one layer when the base model streams)."""
     from quantcli.artifact import atomic_directory, open_artifact
+    from quantcli.loading import load_input
     from quantcli.models.canonical import hf_state_dict
-    from quantcli.loading import materialize
+    from quantcli.pack.checkpoint import layer_source, save_beside, write_layer_shards
 
     check_output_free(out, force)
+    loaded = load_input(str(artifact_dir), quantized=False, stream=True)
     artifact = open_artifact(artifact_dir)
-    model, tokenizer = materialize(artifact, quantized=False)
-    clip_weights(model, artifact, spec)
+    if loaded.stream is None:
+        clip_weights(loaded.model, artifact, spec)
+    else:  # clip each layer as it is replayed: clip_weights finds the ratios of the layer that is loaded
+        clips = {k: v for k, v in artifact.tensors(AWQ_FILE).items() if k.endswith(".clip")}
+        replay = loaded.stream.prepare_layer
+
+        def prepare(index: int, layer) -> None:
+            replay(index, layer)
+            prefix = f"{loaded.stream.layer_path(index)}."
+            clip_weights(loaded.model, _Clips({k: v for k, v in clips.items() if k.startswith(prefix)}), spec)
+
+        loaded.stream.prepare_layer = prepare
+    source = layer_source(loaded.stream or loaded.model)
     with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, state_dict=hf_state_dict(model))
-        tokenizer.save_pretrained(tmp)
+        write_layer_shards(tmp, source, hf_state_dict)
+        config = copy.deepcopy(loaded.model.config)
+        config.dtype = torch.float32
+        save_beside(tmp, source, config, loaded.tokenizer)
+
+
+class _Clips:
+    """Stands in for an AWQ artifact in :func:`clip_weights`: the clip ratios of one decoder layer."""
+
+    def __init__(self, tensors: dict):
+        self._tensors = tensors
+
+    def tensors(self, _name: str) -> dict:
+        return self._tensors

@@ -14,7 +14,7 @@ from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
 from quantcli.eval.ppl import perplexity, perplexity_streamed
 from quantcli.loading import load_input
-from quantcli.stage import default_seqlen
+from quantcli.stage import activation_store, default_seqlen
 
 EPILOG = """Examples:
 
@@ -35,9 +35,11 @@ def eval_ppl_command(
     device: opt.Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: opt.Quiet = False,
+    offload_activations: opt.OffloadActivations = None,
 ) -> None:
     """Perplexity on a dataset's test split: joined with "\\n\\n", non-overlapping windows, exp(mean NLL)."""
     source = opt.input_or_stdin(input)
+    acts = activation_store(offload_activations)  # a bad DIR fails before the model loads
     texts = load_texts(dataset, "test")
     with status("loading model", quiet):
         target = resolve_device(device)
@@ -47,7 +49,7 @@ def eval_ppl_command(
     seqlen = seqlen or default_seqlen(loaded.model)
     with status("evaluating", quiet):
         if loaded.stream is not None:  # layer by layer from the shards: one layer in memory
-            result = perplexity_streamed(loaded.stream, tokens, seqlen, max_windows, target, bos_id)
+            result = perplexity_streamed(loaded.stream, tokens, seqlen, max_windows, target, bos_id, acts=acts)
         else:
             result = perplexity(loaded.model, tokens, seqlen, max_windows, bos_id)
     record = {

@@ -11,9 +11,7 @@ from quantcli.artifact import check_output_free
 from quantcli.cli import _options as opt
 from quantcli.cli._console import emit, err, status
 from quantcli.errors import InputError
-from quantcli.models.canonical import strip_norm_offsets
 from quantcli.loading import load_input
-from quantcli.models.weights import read_act_qparams
 from quantcli.pack.checkpoint import write_packed
 
 EPILOG = """Examples:
@@ -41,18 +39,19 @@ def pack_command(
         raise InputError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     check_output_free(output, force)
     with status("loading artifact", quiet):
-        loaded = load_input(opt.input_or_stdin(input))
+        loaded = load_input(opt.input_or_stdin(input), stream=True)  # layers read from the base model's shards as they are packed
     if loaded.artifact is None or not loaded.quantized:
         raise InputError(f"{input or 'input'}: not a quantized quantcli artifact; run rtn, awq, gptq or omniquant first")
     lineage = [
         {"kind": a.kind, "path": str(a.path.resolve()), "created_at": a.manifest.created_at, "spec": a.manifest.spec}
         for a in loaded.artifact.lineage()
     ]
-    strip_norm_offsets(loaded.model)  # back to the Hugging Face layout before saving
-    out = write_packed(
-        output, loaded.model, loaded.tokenizer, loaded.quantized, loaded.spec, format, {"lineage": lineage},
-        base=loaded.base, dtype=DTYPES[dtype], act_qparams=read_act_qparams(loaded.artifact), force=force,
-    )
+    act_qparams = loaded.quantized.act_qparams() if loaded.spec.act_static else None
+    with status("packing", quiet):
+        out = write_packed(
+            output, loaded.stream or loaded.model, loaded.tokenizer, loaded.quantized, loaded.spec, format, {"lineage": lineage},
+            base=loaded.base, dtype=DTYPES[dtype], act_qparams=act_qparams, force=force,
+        )
     if not quiet:
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         fp16 = 2 * sum(p.numel() for p in loaded.model.parameters())

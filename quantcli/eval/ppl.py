@@ -85,11 +85,14 @@ def _record(nlls: list[float], all_wins: Tensor, seqlen: int, bos: int | None, s
 
 @torch.no_grad()
 def perplexity_streamed(
-    source, tokens: Tensor, seqlen: int, max_windows: int | None = None, device="cpu", bos: int | None = None, batch: int = 8
+    source, tokens: Tensor, seqlen: int, max_windows: int | None = None, device="cpu", bos: int | None = None, batch: int = 8,
+    acts=None,
 ) -> dict:
     """:func:`perplexity` of a streamed model (:class:`quantcli.models.stream.StreamedModel`),
     layer by layer as the GPTQ reference evaluation does: every window through layer ``i``, then
-    layer ``i + 1``, so only one layer (and the windows' hidden states) is in memory at a time."""
+    layer ``i + 1``, so only one layer (and the windows' hidden states ``[W, seqlen, H]``) is in
+    memory at a time; ``acts`` (a :class:`quantcli.algos.driver.ActivationStore`) keeps the hidden
+    states in memory-mapped files instead."""
     from quantcli.calib.capture import capture_layer_inputs
     from quantcli.models.stream import to_device
 
@@ -98,6 +101,8 @@ def perplexity_streamed(
     started = time.time()
     with source.outside_layers(device) as outer:
         hidden, layer_kwargs = capture_layer_inputs(outer, source.layers, wins, batch)
+    if acts is not None:
+        hidden = acts.put(hidden)
     for index in range(len(source.layers)):
         layer = source.onload_layer(index, device)
         kwargs = {k: to_device(v, device) for k, v in layer_kwargs[index].items()}

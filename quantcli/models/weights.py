@@ -11,10 +11,14 @@ a stage changed (full names, e.g. ``model.layers.0.input_layernorm.weight``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from quantcli.artifact import Artifact
+from quantcli.artifact import Artifact, unreadable
 from quantcli.errors import ArtifactError
 from quantcli.models.act_hooks import INPUT_SCALE, INPUT_ZERO
 from quantcli.quant import QuantizedWeight
@@ -22,37 +26,68 @@ from quantcli.quant.bits import pack_int32, unpack_int32
 
 QUANTIZED_FILE = "quantized.safetensors"
 OVERRIDES_FILE = "overrides.safetensors"
+QWEIGHT = ".qweight"
 
 
-def read_quantized(artifact: Artifact) -> dict[str, QuantizedWeight]:
-    """The artifact's quantized linears: module name → codes, scales, zeros (and g_idx)."""
-    if not artifact.has(QUANTIZED_FILE):
-        return {}
-    tensors = artifact.tensors(QUANTIZED_FILE)
-    out: dict[str, QuantizedWeight] = {}
-    for key in tensors:
-        if key.endswith(".qweight"):
-            name = key[: -len(".qweight")]
-            codes, scale = tensors[key], tensors[f"{name}.scales"]
-            if f"{name}.qshape" in tensors:  # packed (schema 2)
-                _, length, bits = (int(v) for v in tensors[f"{name}.qshape"])
+class QuantizedCodes(Mapping[str, QuantizedWeight]):
+    """The quantized linears of a ``quantized.safetensors`` file, read lazily: module name →
+    :class:`QuantizedWeight`.
+
+    The names come from the file's header; each value is read (``safe_open``, only that linear's
+    tensors) and its codes unpacked on every access, so holding the mapping costs no memory and
+    iterating it holds one linear at a time. ``file`` is trusted (its sha256 checked by the caller);
+    ``None`` (an artifact without codes) gives an empty mapping.
+    """
+
+    def __init__(self, file: Path | None):
+        self.file = file
+        self._keys: frozenset[str] = frozenset()
+        self._names: list[str] = []
+        if file is not None:
+            try:
+                with safe_open(str(file), "pt") as fh:
+                    keys = list(fh.keys())
+            except SafetensorError as exc:
+                raise unreadable(file, exc) from None
+            self._keys = frozenset(keys)
+            self._names = [key.removesuffix(QWEIGHT) for key in keys if key.endswith(QWEIGHT)]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and f"{name}{QWEIGHT}" in self._keys
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name not in self:
+            raise KeyError(name)
+        with safe_open(str(self.file), "pt") as fh:
+            tensor = lambda suffix: fh.get_tensor(f"{name}.{suffix}").clone()  # a copy: the file is unmapped on close
+            codes, scale, zero = tensor("qweight"), tensor("scales"), tensor("zeros")
+            if f"{name}.qshape" in self._keys:  # packed (schema 2)
+                _, length, bits = (int(v) for v in tensor("qshape"))
                 codes = unpack_int32(codes, bits, length)
-            g_idx = tensors.get(f"{name}.g_idx")
-            group = codes.shape[1] // scale.shape[1]
-            out[name] = QuantizedWeight(codes, scale.float(), tensors[f"{name}.zeros"].float(), group, g_idx)
-    return out
+            g_idx = tensor("g_idx") if f"{name}.g_idx" in self._keys else None
+        return QuantizedWeight(codes, scale.float(), zero.float(), codes.shape[1] // scale.shape[1], g_idx)
+
+    def act_qparams(self) -> dict[str, torch.Tensor]:
+        """The calibrated static activation scales stored beside the codes (only those tensors are read)."""
+        if self.file is None:
+            return {}
+        with safe_open(str(self.file), "pt") as fh:
+            return {k: fh.get_tensor(k).clone() for k in sorted(self._keys) if k.endswith((INPUT_SCALE, INPUT_ZERO))}
 
 
-def read_act_qparams(artifact: Artifact) -> dict[str, torch.Tensor]:
-    """The artifact's calibrated static activation scales: ``"<name>.input_scale"`` / ``".input_zero"`` (may be empty).
-
-    Only an ``act_static`` spec stores them, so other artifacts are not read a second time."""
-    if not artifact.has(QUANTIZED_FILE) or not (artifact.manifest.spec or {}).get("act_static"):
-        return {}
-    return {k: v for k, v in artifact.tensors(QUANTIZED_FILE).items() if k.endswith((INPUT_SCALE, INPUT_ZERO))}
+def read_quantized(artifact: Artifact) -> QuantizedCodes:
+    """The artifact's quantized linears: module name → codes, scales, zeros (and g_idx), read lazily
+    (:class:`QuantizedCodes`); the file's sha256 is checked once, here."""
+    return QuantizedCodes(artifact.checked_file(QUANTIZED_FILE) if artifact.has(QUANTIZED_FILE) else None)
 
 
-def quantized_payload(quantized: dict[str, QuantizedWeight], bits: int = 8) -> dict[str, torch.Tensor]:
+def quantized_payload(quantized: Mapping[str, QuantizedWeight], bits: int = 8) -> dict[str, torch.Tensor]:
     """Inverse of :func:`read_quantized`: the tensors of ``quantized.safetensors``; codes of
     ``bits < 8`` are packed into int32 words."""
     payload: dict[str, torch.Tensor] = {}
@@ -87,7 +122,7 @@ def apply_overrides(model: nn.Module, tensors: dict[str, torch.Tensor], where: s
         params[key].data.copy_(value.to(params[key].dtype))
 
 
-def apply_quantized(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+def apply_quantized(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> None:
     """Put each quantized linear's dequantized weight (names relative to ``model``) into it."""
     for name, qw in quantized.items():
         set_weight(model, name, qw.dequantize())
