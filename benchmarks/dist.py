@@ -50,8 +50,8 @@ SHAPES = {
 }
 GPU_FLOPS = 40e12  # assumed sustained float32 FLOP/s of one H100-class GPU (60 % of 67 TFLOP/s; the stages run in float32)
 COLUMN_STEP_S = 60e-6  # assumed cost of one GPTQ column step (≈ 6 small kernels at ~10 µs launch each)
-FORWARD_PASSES = 4.5  # targets 1, true-sequential Hessian capture ≈ 2.5 (stops after the stage's linears), next inputs 1
-NCCL_BUSBW = 150e9  # bytes/s: assumed all-reduce bus bandwidth of 8 GPUs on NVLink (H100 class, large messages)
+FORWARD_PASSES = 3.4  # targets 1 (stage 1's Hessian recorded there), captures of o, gate/up, down ≈ 1.4 (each stops after its stage), next inputs 1
+NCCL_BUSBW = 150e9  # bytes/s: assumed reduce/all-reduce bus bandwidth of 8 GPUs on NVLink (H100 class, large messages)
 CALIB_TOKENS = 128 * 2048  # the usual GPTQ calibration set
 
 
@@ -119,19 +119,22 @@ def linears(shape: dict) -> dict[str, tuple[int, int]]:
 
 
 def comm_bytes(shape: dict, n_grid: int = 20) -> dict:
-    """Bytes all-reduced per decoder layer (float32), as implemented.
+    """Bytes reduced per decoder layer (float32), as implemented.
 
-    GPTQ: one Hessian ``[in, in]`` per linear (q/k/v and gate/up each keep their own, as captured).
-    AWQ: per scaling group ``mean|x|`` ``[C]`` and one loss per grid candidate, then one Gram
-    matrix ``XᵀX`` per distinct captured input for the clip search.
+    GPTQ: one Hessian ``[in, in]`` per group of linears fed the same input (q/k/v, o, gate/up,
+    down), summed onto the group's owner rank (a reduce, not an all-reduce), whose codes (one
+    byte per weight, plus scales) are then broadcast. AWQ: per scaling group ``mean|x|`` ``[C]``
+    and one loss per grid candidate, then one Gram matrix ``XᵀX`` per distinct captured input for
+    the clip search (all-reduced: every rank searches the clips).
     """
     lin = linears(shape)
     h, i = shape["hidden"], shape["intermediate"]
-    hessian = sum(4 * n_in * n_in for n_in, _ in lin.values())
+    hessian = 4 * (h * h + h * h + h * h + i * i)  # q/k/v input, o input, gate/up input, down input
+    codes = sum(n_in * n_out for n_in, n_out in lin.values())  # uint8 codes broadcast by the owners
     groups = [h, h, i]  # input_layernorm → q/k/v, post_attention_layernorm → gate/up, up → down (v → o skipped under GQA)
     awq_stats = sum(4 * c for c in groups) + len(groups) * (n_grid + 1) * 8
     awq_gram = 4 * (h * h + h * h + i * i + h * h)  # q/k/v input, gate/up input, down input, o input
-    return {"gptq_hessians": hessian, "awq_activation_stats": awq_stats, "awq_clip_grams": awq_gram}
+    return {"gptq_hessians": hessian, "gptq_codes_broadcast": codes, "awq_activation_stats": awq_stats, "awq_clip_grams": awq_gram}
 
 
 def allreduce_seconds(nbytes: int, ranks: int, busbw: float = NCCL_BUSBW) -> float:
@@ -139,18 +142,24 @@ def allreduce_seconds(nbytes: int, ranks: int, busbw: float = NCCL_BUSBW) -> flo
     return 0.0 if ranks == 1 else 2 * (ranks - 1) / ranks * nbytes / busbw
 
 
+def reduce_seconds(nbytes: int, ranks: int, busbw: float = NCCL_BUSBW) -> float:
+    """Ring reduce (or broadcast) time: ``(N−1)/N · bytes`` at the bus bandwidth, half an all-reduce."""
+    return 0.0 if ranks == 1 else (ranks - 1) / ranks * nbytes / busbw
+
+
 def layer_flops(shape: dict, tokens: int, seqlen: int = 2048) -> dict:
     """FLOPs of one GPTQ decoder layer over ``tokens`` calibration tokens.
 
     data: ``FORWARD_PASSES`` forward passes (2 · params per token, plus attention ``4 · L · h``) and
-    the Hessian updates ``2 · in²`` per token per linear; quant: per linear the Cholesky factor,
+    the Hessian updates ``2 · in²`` per token per distinct input; quant: per linear the Cholesky factor,
     inverse and factor of ``H`` (≈ ``2 in³``) and the column updates (≈ ``2 · out · in²``), and
     ``columns`` Python-loop steps.
     """
     lin = linears(shape)
     params = sum(i * o for i, o in lin.values())
     forward = FORWARD_PASSES * tokens * (2 * params + 4 * seqlen * shape["hidden"])
-    hessian = tokens * sum(2 * i * i for i, _ in lin.values())
+    h, inter = shape["hidden"], shape["intermediate"]
+    hessian = tokens * 2 * (3 * h * h + inter * inter)  # one Hessian per input: q/k/v, o, gate/up, down
     quant = sum(2 * i**3 + 2 * o * i * i for i, o in lin.values())
     return {"data": forward + hessian, "quant": quant, "columns": sum(i for i, _ in lin.values())}
 
@@ -163,15 +172,19 @@ def project(ranks: int = 8) -> dict:
         f = layer_flops(shape, CALIB_TOKENS)
         data = f["data"] / GPU_FLOPS
         quant = f["quant"] / GPU_FLOPS + f["columns"] * COLUMN_STEP_S
-        comm = allreduce_seconds(comm_bytes(shape)["gptq_hessians"], ranks)
+        volume = comm_bytes(shape)
+        comm = reduce_seconds(volume["gptq_hessians"], ranks) + reduce_seconds(volume["gptq_codes_broadcast"], ranks)
         n = shape["layers"]
         out[name] = {
             "per_layer_data_s": round(data, 2),
             "per_layer_quant_s": round(quant, 2),
-            "per_layer_hessian_allreduce_s": round(comm, 3),
+            "per_layer_reduce_and_broadcast_s": round(comm, 3),
             "one_gpu_s": round(n * (data + quant)),
-            f"{ranks}_gpus_allreduce_s": round(n * (data / ranks + quant + comm)),
-            f"{ranks}_gpus_owner_rank_s": round(n * (data / ranks + quant / min(ranks, 4) + comm)),
+            # true-sequential (default): a dense layer's four stages each have one Hessian group, solved
+            # one after the other, so the owner ranks take turns and the quantization is not divided
+            f"{ranks}_gpus_s": round(n * (data / ranks + quant + comm)),
+            # --no-true-sequential: the four groups of a layer are solved at once on four owner ranks
+            f"{ranks}_gpus_one_stage_s": round(n * (data / ranks + quant / min(ranks, 4) + comm)),
         }
     return out
 
@@ -317,14 +330,14 @@ def main() -> None:
 def assumptions() -> dict:
     return {
         "nccl_allreduce_busbw_bytes_per_s": NCCL_BUSBW,
-        "allreduce_model": "ring: 2 (N-1)/N x bytes / busbw per rank",
+        "reduce_model": "ring: (N-1)/N x bytes / busbw per rank for a reduce or a broadcast (an all-reduce is twice that)",
         "calibration_tokens": CALIB_TOKENS,
         "gpu_float32_flops": GPU_FLOPS,
         "gptq_column_step_s": COLUMN_STEP_S,
         "forward_passes_per_layer": FORWARD_PASSES,
         "data_part": "forward passes + Hessian updates per layer, divided by the number of ranks (each holds 1/N of the tokens)",
-        "quant_part": "gptq_quantize of every linear: repeated on every rank in the all-reduce scheme (implemented); spread over the ranks in the owner-rank scheme (not implemented; bounded by down_proj, so counted as quant / 4)",
-        "hessians": "float32, one [in, in] per linear as captured (q/k/v and gate/up not deduplicated)",
+        "quant_part": "gptq_quantize of each Hessian group on its owner rank only (owners rotate over the layer's groups); with true-sequential stages the groups of a dense layer are solved one after the other, so the quantization is not divided; with --no-true-sequential the four groups run at once (quant / min(ranks, 4), bounded by the largest group)",
+        "hessians": "float32, one [in, in] per group of linears fed the same input (q/k/v, o, gate/up, down), reduced to its owner rank; codes broadcast as uint8",
     }
 
 

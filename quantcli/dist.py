@@ -5,9 +5,12 @@ evaluation windows of ``eval-ppl``) are cut into contiguous, deterministic shard
 (:func:`shard`); everything an algorithm decides from data is reduced across ranks before it is
 used, so every rank takes the same decision and holds the same quantized layer:
 
-* a statistic that is a mean over the rank's tokens (GPTQ's Hessian ``H = 2/n · Σ x xᵀ``, AWQ's
-  ``mean|x|``, its Gram matrices ``XᵀX / T`` and each candidate's squared error, the driver's
-  per-layer loss) goes through :func:`all_mean` (weights by the token counts);
+* a statistic that is a mean over the rank's tokens (AWQ's ``mean|x|``, its Gram matrices
+  ``XᵀX / T`` and each candidate's squared error, the driver's per-layer loss) goes through
+  :func:`all_mean` (weights by the token counts);
+* GPTQ's Hessians ``H = 2/n · Σ x xᵀ`` go through :func:`reduce_mean` to the rank that owns the
+  linears fed by that input (owners rotate over the layer's Hessian groups); the owner runs GPTQ
+  and :func:`broadcast_object` hands its codes to every rank;
 * a maximum (OmniQuant's LET init ``max|x|``) through :func:`all_max`;
 * OmniQuant's training steps through :func:`backward` (the global batch of the single-process
   run, each rank computing the part it holds; gradients summed, DDP style).
@@ -196,13 +199,27 @@ def all_mean(value: T, count: int) -> T:
     return mean.to(value.dtype) if is_tensor else float(mean)
 
 
-def all_mean_counted(stats: dict[str, tuple[Tensor, int]]) -> dict[str, tuple[Tensor, int]]:
-    """:func:`all_mean` of every ``name → (mean, count)`` (e.g. GPTQ's Hessians), with the total counts."""
+def reduce_mean(value: Tensor, count: int, total: int, dst: int) -> Tensor | None:
+    """:func:`all_mean` delivered to rank ``dst`` only (``None`` on the others): ``value`` is this
+    rank's mean over ``count`` items, ``total`` the items of all ranks (:func:`all_sum` of the
+    counts). Half the traffic of an all-reduce, for a statistic one rank consumes (a GPTQ Hessian
+    on the rank that owns its linears). One process: ``value`` unchanged."""
     if not _active():
-        return stats
-    names = list(stats)
-    totals = all_sum(*(int(stats[n][1]) for n in names))
-    return {n: (all_mean(stats[n][0], stats[n][1]), total) for n, total in zip(names, totals)}
+        return value
+    _group_ready()
+    buf = (value * count if count else torch.zeros_like(value)).detach().to(_device(), copy=True)
+    torch.distributed.reduce(buf, dst)
+    return (buf / max(total, 1)).to(value.device, value.dtype) if world().rank == dst else None
+
+
+def broadcast_object(obj: T, src: int) -> T:
+    """Rank ``src``'s ``obj`` (any picklable value: CPU tensors, numbers, strings) on every rank."""
+    if not _active():
+        return obj
+    _group_ready()
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src)
+    return box[0]
 
 
 def broadcast(t: Tensor, src: int = 0) -> Tensor:

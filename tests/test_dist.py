@@ -32,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FLIP_BOUND = 1e-2  # fraction of integer codes (and zero points) allowed to differ
-STAGES = ("gptq", "awq", "omniquant")
+STAGES = ("gptq", "gptq-one-stage", "awq", "omniquant")
 
 
 def stage_args(model: Path, text: Path, out: Path) -> list[list[str]]:
@@ -40,6 +40,7 @@ def stage_args(model: Path, text: Path, out: Path) -> list[list[str]]:
     calib = ["--w4", "--group", "32", "--dataset", str(text), "--nsamples", "8", "--seqlen", "64", "--device", "cpu", "-q"]
     return [
         ["gptq", str(model), *calib, "-o", str(out / "gptq")],
+        ["gptq", str(model), *calib, "--no-true-sequential", "-o", str(out / "gptq-one-stage")],
         ["awq", str(model), *calib, "-o", str(out / "awq")],
         ["omniquant", str(model), *calib, "--epochs", "4", "--batch-size", "2", "-o", str(out / "omniquant")],
         ["eval-ppl", str(out / "gptq"), "--dataset", str(text), "--seqlen", "32", "--max-windows", "5", "--device", "cpu", "--json", "-q"],
@@ -103,7 +104,10 @@ def test_two_ranks_give_the_one_process_artifact(runs, stage):
     # the reduced per-layer loss is the 1-process one (a rank's own shard would give another value)
     for l1, l2 in zip(m1["metrics"]["layers"], m2["metrics"]["layers"]):
         assert l2["loss"] == pytest.approx(l1["loss"], rel=5e-2)
-    if stage != "gptq":  # AWQ's searched scales and clips, OmniQuant's trained clips: the 1-process ones
+    if stage.startswith("gptq"):  # each Hessian group solved on one rank (its owner), both ranks working
+        assert all("groups_by_rank" not in layer for layer in m1["metrics"]["layers"])
+        assert all(layer["groups_by_rank"] == [2, 2] for layer in m2["metrics"]["layers"])  # q/k/v, o, gate/up, down
+    else:  # AWQ's searched scales and clips, OmniQuant's trained clips: the 1-process ones
         from safetensors.torch import load_file
 
         s1, s2 = (load_file(d / stage / f"{stage}.safetensors") for d in (one, two))
@@ -115,9 +119,9 @@ def test_two_ranks_give_the_one_process_artifact(runs, stage):
 def test_two_ranks_give_the_one_process_perplexity_and_rank_0_alone_prints(runs):
     one, two, out1, launched = runs
     lines1, lines2 = out1.strip().splitlines(), launched.stdout.strip().splitlines()
-    assert len(lines2) == len(lines1) == 5, launched.stdout  # rank 1 printed nothing
-    assert lines2[:3] == [str(two / s) for s in STAGES]
-    ppl1, ppl2 = json.loads(lines1[3]), json.loads(lines2[3])
+    assert len(lines2) == len(lines1) == 6, launched.stdout  # rank 1 printed nothing
+    assert lines2[:4] == [str(two / s) for s in STAGES]
+    ppl1, ppl2 = json.loads(lines1[4]), json.loads(lines2[4])
     assert ppl2["windows"] == ppl1["windows"] == 5 and ppl2["tokens"] == ppl1["tokens"]
     assert ppl2["ppl"] == pytest.approx(ppl1["ppl"], rel=1e-4)
     assert not [p for p in two.iterdir() if p.name.startswith(".")]  # no half-written directory

@@ -293,7 +293,7 @@ class HessianGroup:
     over ``count`` tokens. A routed expert sees its own tokens: it is a group of its own."""
 
     names: list[str]
-    H: Tensor
+    H: Tensor | None  # None once handed to its owner rank
     count: int = 0
 
 
@@ -423,6 +423,7 @@ class GPTQ:
         fallbacks: list[str] = []  # one note per linear not quantized as configured
         experts = set(expert_linears(ctx.module, ctx.arch))
         observed: HessianGroup | None = ctx.seen.get("hessian")
+        world, owned, solved_here = dist.world(), 0, 0  # under torchrun, Hessian group i of the layer belongs to rank i mod world size
         for k, stage in enumerate(stages):
             groups: list[HessianGroup] = []
             if k == 0 and observed is not None and (known := [n for n in stage if n in observed.names]):
@@ -430,26 +431,35 @@ class GPTQ:
             todo = [n for n in stage if not any(n in g.names for g in groups)]
             if todo:
                 groups += capture_hessians(ctx, todo, dtype)  # earlier stages are already quantized in place
-            reduced = dist.all_mean_counted({g.names[0]: (g.H, g.count) for g in groups})  # summed over ranks
-            for group in groups:
-                H, count = reduced[group.names[0]]
-                group_err, group_rtn, notes = self._quantize_group(ctx, group.names, H, count, experts, quantized)
-                gptq_err += group_err
-                rtn_err += group_rtn
-                fallbacks += notes
-                del H
+            totals = dist.all_sum(*(g.count for g in groups))
+            mine: dict[int, Tensor] = {}
+            for i, (group, total) in enumerate(zip(groups, totals)):  # each Hessian summed on its owner rank only
+                H = dist.reduce_mean(group.H, group.count, total, (owned + i) % world.size)
+                group.H = None
+                if H is not None:
+                    mine[i] = H
+            solved = {i: self._solve_group(ctx, groups[i].names, mine.pop(i), totals[i], experts) for i in sorted(mine)}  # ranks in parallel
+            solved_here += len(solved)
+            for i, group in enumerate(groups):  # every rank takes the owner's codes
+                result = dist.broadcast_object(solved.get(i), (owned + i) % world.size)
+                self._apply(ctx, group.names, result, quantized)
+                gptq_err += result.err
+                rtn_err += result.rtn_err
+                fallbacks += result.notes
+            owned += len(groups)
             ctx.report(gptq_err=gptq_err, rtn_err=rtn_err)
         metrics: dict = {"gptq_err": gptq_err, "rtn_err": rtn_err}
+        if world.size > 1:  # how the layer's GPTQ work was spread: Hessian groups solved on each rank
+            metrics["groups_by_rank"] = list(dist.all_sum(*(solved_here if r == world.rank else 0 for r in range(world.size))))
         if fallbacks:
             metrics["fallbacks"] = fallbacks
         return LayerResult(quantized=quantized, metrics=metrics)
 
-    def _quantize_group(self, ctx: LayerContext, names: list[str], H: Tensor, count: int, experts: set[str], quantized: dict) -> tuple[float, float, list[str]]:
-        """GPTQ on the stacked rows of the linears ``names`` (one Hessian, one factorisation);
-        writes the dequantized weights into the layer and the codes into ``quantized``."""
+    def _solve_group(self, ctx: LayerContext, names: list[str], H: Tensor, count: int, experts: set[str]) -> "GroupResult":
+        """GPTQ on the stacked rows of the linears ``names`` (one Hessian, one factorisation):
+        their codes (on the CPU), the errors and the fallback notes. The layer is not changed."""
         p = self.params
-        linears = [ctx.module.get_submodule(name) for name in names]
-        weights = [linear.weight.data for linear in linears]
+        weights = [ctx.module.get_submodule(name).weight.data for name in names]
         W = torch.cat(weights) if len(weights) > 1 else weights[0]
         clips = [ctx.upstream.get(f"{name}.clip") for name in names]
         clip = None
@@ -462,8 +472,9 @@ class GPTQ:
         else:
             res, _rows = _gptq_rows(W, H, ctx.spec, p, clip)
         rtn = res.err if res.fallback else hessian_error(W, quantize_weight(W, ctx.spec, clip).dequantize(), H)
+        parts: dict[str, QuantizedWeight] = {}
         start = 0
-        for name, linear, w in zip(names, linears, weights):
+        for name, w in zip(names, weights):
             rows = slice(start, start + w.shape[0])
             start += w.shape[0]
             qw = res.weight
@@ -474,9 +485,25 @@ class GPTQ:
                 notes.append(f"{name}: rounded to nearest ({res.fallback})")
             elif res.damp != p.damp:
                 notes.append(f"{name}: damping raised to {res.damp:g} (Cholesky failed at {p.damp:g})")
-            linear.weight.data.copy_(part.dequantize().to(w.dtype))
-            quantized[name] = _to_cpu(part)
-        return res.err, rtn, notes
+            parts[name] = _to_cpu(part)
+        return GroupResult(parts, res.err, rtn, notes)
+
+    @staticmethod
+    def _apply(ctx: LayerContext, names: list[str], result: "GroupResult", quantized: dict) -> None:
+        """Write a group's dequantized codes into the layer (later stages see them) and record them."""
+        for name in names:
+            linear, part = ctx.module.get_submodule(name), result.parts[name]
+            linear.weight.data.copy_(part.dequantize().to(linear.weight.device, linear.weight.dtype))
+            quantized[name] = part
+
+
+class GroupResult(NamedTuple):
+    """What GPTQ made of one Hessian group: codes per linear (CPU), errors, fallback notes."""
+
+    parts: dict[str, QuantizedWeight]
+    err: float
+    rtn_err: float
+    notes: list[str]
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
