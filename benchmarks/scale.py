@@ -108,6 +108,7 @@ def measure(cmd: list[str], src: Path = ROOT, timeout: float | None = None, out:
     started = time.time()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(src)},
+        cwd=src,  # ``python -m`` puts the working directory ahead of PYTHONPATH: run inside the checkout measured
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job inherits SIGINT ignored
     )
     ps, peak = psutil.Process(proc.pid), 0
