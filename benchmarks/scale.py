@@ -7,7 +7,10 @@ hidden 4096, intermediate 11008, 32 heads, 32 layers, vocab 32000; ~13.5 GB). Th
 ``quant calibrate``, ``rtn --w4 --group 128``, ``gptq``, ``awq``, ``eval-ppl`` and ``pack`` on it,
 each in its own process, recording wall time and the peak RSS of the process (polled with psutil
 every 0.2 s), and one plain layer-by-layer forward over the same calibration set (streamed) so
-each stage's time is also given as a multiple of that forward.
+each stage's time is also given as a multiple of that forward (``x_plain_forward``). On a shared
+machine the load changes between those two runs, so each calibrated stage also gives its
+layers' seconds over the seconds of their own propagation forward (one float32 forward of the
+calibration set through the layer, timed inside the same run: ``x_forward_same_run``).
 
     python benchmarks/scale.py --model 1.2b --nsamples 4 --seqlen 256
     python benchmarks/scale.py --model 7b --stages rtn,gptq
@@ -123,10 +126,14 @@ def measure(cmd: list[str], src: Path = ROOT, timeout: float | None = None, out:
             timeout = None
         time.sleep(0.2)
     stdout, err = proc.communicate()
-    row = {}
+    row, layers = {}, []
     if out is not None and (partial := out.parent / f".{out.name}.partial").is_dir():
         layers = [json.loads(f.read_text()) for f in sorted(partial.glob("layer-*.json"))]
         row = {"stopped_after_layers": len(layers), "mean_layer_seconds": round(sum(m["seconds"] for m in layers) / max(len(layers), 1), 1)}
+    elif out is not None and (out / "manifest.json").is_file() and proc.returncode == 0:
+        layers = json.loads((out / "manifest.json").read_text())["metrics"].get("layers", [])
+    if sum(m.get("forward_seconds") or 0 for m in layers) > 0:  # the stage's own propagation forwards, timed in the same run
+        row["x_forward_same_run"] = round(sum(m["seconds"] for m in layers) / sum(m.get("forward_seconds") or 0 for m in layers), 2)
     return {**row,
         "seconds": round(time.time() - started, 1), "peak_rss_gb": round(peak / 1e9, 2), "rc": proc.returncode,
         "loadavg": [round(x, 1) for x in os.getloadavg()], "stdout": stdout.strip()[-300:].replace(f"{ROOT}/", ""),
@@ -166,6 +173,7 @@ def main() -> None:
     ap.add_argument("--label", default="after", help="run label in the JSON (e.g. before = main's code)")
     ap.add_argument("--stage-timeout", type=float, default=None, help="Ctrl-C a stage after this many seconds (rows then hold layers done)")
     ap.add_argument("--src", type=Path, default=ROOT, help="quantcli checkout the stages run (e.g. main's, for before)")
+    ap.add_argument("--note", default="", help="what else ran on the machine (recorded with the load averages)")
     ap.add_argument("--forward", nargs=3, metavar=("MODEL", "CALIB", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.forward:
@@ -217,7 +225,7 @@ def main() -> None:
         "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.windows},
         "build_seconds": round(build_s, 1),
         "machine": {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-                    "note": "CPU shared with other jobs (7 helpers on 2 cores): times are inflated; see loadavg per stage"},
+                    "note": args.note},
         "code": "this branch" if args.src == ROOT else str(args.src),
         "stages": rows,
     }
@@ -227,9 +235,9 @@ def main() -> None:
         entry["stages"] = {**data[key].get("stages", {}), **rows}
     data[key] = entry
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"{'stage':<14}{'seconds':>10}{'peak RSS GB':>14}{'x forward':>11}{'rc':>4}")
+    print(f"{'stage':<14}{'seconds':>10}{'peak RSS GB':>14}{'x forward':>11}{'x fwd same run':>16}{'rc':>4}")
     for stage, row in rows.items():
-        print(f"{stage:<14}{row['seconds']:>10}{row['peak_rss_gb']:>14}{row.get('x_plain_forward', ''):>11}{row['rc']:>4}")
+        print(f"{stage:<14}{row['seconds']:>10}{row['peak_rss_gb']:>14}{row.get('x_plain_forward', row.get('x_plain_forward_estimated', '')):>11}{row.get('x_forward_same_run', ''):>16}{row['rc']:>4}")
     print(f"float32 size {entry['model']['float32_gb']} GB → 25 % = {entry['model']['float32_gb'] / 4:.2f} GB")
 
 
