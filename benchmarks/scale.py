@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--label", default="after", help="run label in the JSON (e.g. before = main's code)")
     ap.add_argument("--stage-timeout", type=float, default=None, help="Ctrl-C a stage after this many seconds (rows then hold layers done)")
     ap.add_argument("--src", type=Path, default=ROOT, help="quantcli checkout the stages run (e.g. main's, for before)")
+    ap.add_argument("--no-forward", action="store_true", help="skip the plain forward (keep the one already in the JSON)")
     ap.add_argument("--note", default="", help="what else ran on the machine (recorded with the load averages)")
     ap.add_argument("--forward", nargs=3, metavar=("MODEL", "CALIB", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -193,9 +194,11 @@ def main() -> None:
     rows: dict[str, dict] = {}
     if not (calib / "manifest.json").is_file():
         rows["calibrate"] = measure(q + ["calibrate", str(model), "--dataset", str(text), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "-o", str(calib), "--force", "-q"])
-    fwd = measure([sys.executable, __file__, "--forward", str(model), str(calib), "8"])
-    forward_s = json.loads(fwd.pop("stdout"))["seconds"] if fwd["rc"] == 0 else None
-    rows["plain_forward"] = {**fwd, "forward_seconds": forward_s}
+    forward_s = None
+    if not args.no_forward:
+        fwd = measure([sys.executable, __file__, "--forward", str(model), str(calib), "8"])
+        forward_s = json.loads(fwd.pop("stdout"))["seconds"] if fwd["rc"] == 0 else None
+        rows["plain_forward"] = {**fwd, "forward_seconds": forward_s}
     weights = ["--w4", "--group", "128"]
     commands = {
         "rtn": q + ["rtn", str(model), *weights, "-o", str(run / "rtn"), "--force", "-q", "--device", "cpu"],
