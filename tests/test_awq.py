@@ -182,18 +182,18 @@ def test_awq_runs_on_table_entries_and_scales_fold_without_changing_function(arc
 
 def test_cli_awq_searches_in_float32_unless_asked(tiny_model_dir, tmp_path):
     """Defect 9: the bfloat16 search cost perplexity on text it was not tuned on, so the default (of the
-    params AND of the CLI flag, which had drifted apart before) lets float32 decide (``mixed``);
-    ``float32`` and ``auto`` stay available."""
+    params AND of the CLI flag, which had drifted apart before) is float32; ``mixed`` (float32 decides
+    after a bfloat16 screen) and ``auto`` are explicit choices."""
     import json
 
     from typer.testing import CliRunner
 
     from quantcli.cli.app import app
 
-    assert AWQParams().search_dtype == "mixed"  # float32 decides; see test_mixed_search_lets_float32_overrule_the_screen
+    assert AWQParams().search_dtype == "float32"
     common = ["--w4", "--group", "32", "--dataset", str(tiny_model_dir.parent / "text.txt"), "--nsamples", "2", "--seqlen", "16",
               "--n-grid", "2", "--no-clip", "--device", "cpu", "-q"]
-    for extra, expect in (([], "mixed"), (["--search-dtype", "float32"], "float32"), (["--search-dtype", "auto"], "auto")):
+    for extra, expect in (([], "float32"), (["--search-dtype", "mixed"], "mixed"), (["--search-dtype", "auto"], "auto")):
         out = tmp_path / f"awq-{expect}"
         res = CliRunner().invoke(app, ["awq", str(tiny_model_dir), *common, *extra, "-o", str(out)])
         assert res.exit_code == 0, res.output

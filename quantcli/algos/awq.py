@@ -51,7 +51,9 @@ class AWQParams:
     duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
-    search_dtype: str = "mixed"  # of the scale search's forward passes: mixed, float32, auto, bfloat16, float16
+    # of the scale search's forward passes: float32, mixed, auto, bfloat16, float16. float32 stays the default until
+    # mixed is shown to match it on the real model (benchmarks/awq_speed.py): auto cost perplexity off the tuning text
+    search_dtype: str = "float32"
     finalists: int = 2  # mixed: grid candidates the float32 decision re-evaluates, best of the low-precision screen
 
 
@@ -125,9 +127,9 @@ def search_scale(
     ``target``: the inspected module's full-precision output over ``x`` when already known (seen
     during the driver's targets forward), else computed here. ``params.search_dtype``:
 
-    - ``float32``, ``bfloat16``, ``float16``: target and every candidate forward in that dtype;
+    - ``float32`` (default), ``bfloat16``, ``float16``: target and every candidate forward in that dtype;
     - ``auto``: bfloat16 where the device runs it fast, else float32 (see :func:`resolve_search_dtype`);
-    - ``mixed`` (default): every grid candidate is screened with bfloat16 forwards against a
+    - ``mixed``: every grid candidate is screened with bfloat16 forwards against a
       bfloat16 target (where bfloat16 is fast; elsewhere this is the float32 search), then the
       ``params.finalists`` best of the screen and ``s = 1`` are evaluated in float32 against the
       float32 target, and the float32 loss decides. Reported losses are always float32 ones.

@@ -35,7 +35,7 @@ DuoScaling = Annotated[
 MaxShrink = Annotated[float, typer.Option("--max-shrink", help="Largest fraction of a group's range the clip search may cut.", min=0.0, max=0.99)]
 Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="Search per-group clip ratios after the scales.")]
 SearchDtype = Annotated[
-    str, typer.Option("--search-dtype", help="mixed, float32, auto, bfloat16 or float16: the scale search's forward passes. mixed: every candidate screened in bfloat16 where fast, the best few and s = 1 decided in float32 (float32 elsewhere); float32: all in float32; auto: all in bfloat16 where fast (cost perplexity on text it was not tuned on).")
+    str, typer.Option("--search-dtype", help="float32 (default), mixed, auto, bfloat16 or float16: the scale search's forward passes. mixed: every candidate screened in bfloat16 where fast, the best few and s = 1 decided in float32 (float32 elsewhere); float32: all in float32; auto: all in bfloat16 where fast (cost perplexity on text it was not tuned on).")
 ]
 SaveTransformed = Annotated[
     Optional[Path], typer.Option("--save-transformed", help="Also write the scaled, clipped fp model as an HF directory.", show_default=False)
