@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work" / "awq_speed"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "awq_speed.json"))
     ap.add_argument("--rerun", action="store_true")
+    ap.add_argument("--summary-only", action="store_true", help="write the JSON from the runs done so far, run nothing")
     args = ap.parse_args()
 
     work = Path(args.work)
@@ -68,7 +69,7 @@ def main() -> None:
     specs = {"w4g64": ["--wbits", "4", "--group", "64"], "w3g64": ["--wbits", "3", "--group", "64"]}
     evaluate = ["--dataset", str(eval_text), "--seqlen", str(args.seqlen), "--max-windows", str(args.windows), "--json", "-q"]
 
-    for name in args.texts.split(","):
+    for name in [] if args.summary_only else args.texts.split(","):
         calib = work / f"calib-{name}"
         if not (calib / "manifest.json").exists():
             timed_quant("calibrate", "--dataset", str(texts[name]), "--nsamples", str(args.nsamples),
