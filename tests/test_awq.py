@@ -182,7 +182,8 @@ def test_awq_runs_on_table_entries_and_scales_fold_without_changing_function(arc
 
 def test_cli_awq_searches_in_float32_unless_asked(tiny_model_dir, tmp_path):
     """Defect 9: the bfloat16 search cost perplexity on text it was not tuned on, so the default (of the
-    params AND of the CLI flag, which had drifted apart before) is float32; ``auto`` stays available."""
+    params AND of the CLI flag, which had drifted apart before) is float32; ``mixed`` (float32 decides
+    after a bfloat16 screen) and ``auto`` are explicit choices."""
     import json
 
     from typer.testing import CliRunner
@@ -192,8 +193,118 @@ def test_cli_awq_searches_in_float32_unless_asked(tiny_model_dir, tmp_path):
     assert AWQParams().search_dtype == "float32"
     common = ["--w4", "--group", "32", "--dataset", str(tiny_model_dir.parent / "text.txt"), "--nsamples", "2", "--seqlen", "16",
               "--n-grid", "2", "--no-clip", "--device", "cpu", "-q"]
-    for extra, expect in (([], "float32"), (["--search-dtype", "auto"], "auto")):
+    for extra, expect in (([], "float32"), (["--search-dtype", "mixed"], "mixed"), (["--search-dtype", "auto"], "auto")):
         out = tmp_path / f"awq-{expect}"
         res = CliRunner().invoke(app, ["awq", str(tiny_model_dir), *common, *extra, "-o", str(out)])
         assert res.exit_code == 0, res.output
         assert json.loads((out / "manifest.json").read_text())["params"]["search_dtype"] == expect
+
+
+def test_observed_inputs_and_targets_equal_separately_captured_ones():
+    """What ``AWQ.observe`` records during the driver's targets forward equals what a forward of
+    its own captures (each group's first-linear input, concatenated in sample order) and what the
+    search computed as its target (the inspected module over that input), for every group, also
+    after the earlier groups' scales are folded (folding keeps the function). Catches a hook on
+    the wrong module or side (pre/post), outputs shared between modules that did not return the
+    same tensor, batches concatenated out of order, or targets that no longer hold after a fold."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantcli.algos.awq import run_inspect
+    from quantcli.algos.driver import LayerResult
+    from quantcli.algos.scaling import fold_scales
+    from quantcli.models.arch import arch_spec, resolve_groups
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         vocab_size=128, max_position_embeddings=256)  # no GQA: v→o is a group too
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (4, 16))
+    seen_by_layer = {}
+
+    class Spy(AWQ):
+        def run_layer(self, ctx):
+            seen_by_layer[ctx.index] = (ctx.seen, ctx.inputs.clone(), dict(ctx.kwargs))
+            return LayerResult()
+
+    run_blockwise(model, ids, Spy(), QuantSpec(4, 32), torch.device("cpu"), batch=3)  # 3 ∤ 4: uneven batches
+    layer = model.model.layers[1]
+    seen, inputs, _ = seen_by_layer[1]
+
+    feats, attn_kwargs = {}, {}
+
+    def hook(name):
+        def fn(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            feats.setdefault(name, []).append(x.reshape(-1, x.shape[-1]))
+            if name == "self_attn":
+                attn_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        return fn
+
+    groups = resolve_groups(layer, arch_spec(model))
+    handles = [layer.get_submodule(g.linears[0]).register_forward_pre_hook(hook(g.linears[0]), with_kwargs=True) for g in groups]
+    handles.append(layer.self_attn.register_forward_pre_hook(hook("self_attn"), with_kwargs=True))
+    with torch.no_grad():
+        for i in range(0, 4, 3):
+            layer(inputs[i : i + 3], **seen_by_layer[1][2])
+    for h in handles:
+        h.remove()
+    assert len(groups) == 4
+    torch.manual_seed(2)
+    for group in groups:
+        x = torch.cat(feats[group.linears[0]])
+        assert torch.allclose(seen["inputs"][group.linears[0]], x, atol=1e-6)
+        inspect = layer.get_submodule(group.inspect)
+        module_input = x if isinstance(inspect, nn.Linear) else x.view(4, 16, -1)
+        kwargs = seen["attn_kwargs"] if group.inspect == "self_attn" else {}
+        target = run_inspect(inspect, module_input, kwargs, "cpu", 3)
+        assert torch.allclose(seen["outputs"][group.inspect].reshape(target.shape), target, atol=1e-5), group.name
+        s = torch.rand(x.shape[-1]) + 0.5  # fold like the search does; later consumers see x / s
+        fold_scales(layer, group, s)
+        for other in groups:
+            if other.linears[0] in group.linears:
+                feats[other.linears[0]] = [f / s for f in feats[other.linears[0]]]
+
+
+def test_mixed_search_lets_float32_overrule_the_screen():
+    """``mixed``: the low-precision screen only shortlists; float32 decides. On a toy where the
+    float32 argmin is grid point 7, a screen whose own best is grid point 3 (its losses are
+    replaced here by a ranking that puts 3 first and 7 second) still returns point 7 with
+    ``finalists=2``; with ``finalists=1`` the screen's choice is all that is left. Catches a
+    search that trusts the screen's argmin, or reports screen losses instead of float32 ones."""
+    from quantcli.algos import awq
+
+    torch.manual_seed(0)
+    layer, group = _toy_group()
+    x = outlier_inputs()
+    spec = QuantSpec(wbits=3, group=32)
+    params = AWQParams(n_grid=10, search_dtype="float32")
+    s32, loss32, rtn32 = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, params, "cpu", 4096)
+    weights = [layer.block.a.weight.detach(), layer.block.b.weight.detach()]
+    x_mean, w_mean = x.abs().mean(dim=0), weight_magnitude(weights, spec)
+    grid = [candidate_scales(x_mean, w_mean, i / 10) for i in range(10)]
+    best = next(i for i, c in enumerate(grid) if torch.equal(c, s32))
+    decoy = (best + 4) % 10
+    ranking = [decoy, best] + [i for i in range(10) if i not in (decoy, best)]
+    calls = []
+    real = awq.run_inspect
+
+    def fake_screen(module, xx, kwargs, device, batch, dtype=torch.float32):
+        out = real(module, xx, kwargs, device, batch, torch.float32)
+        if dtype == torch.float32:
+            return out
+        calls.append(len(calls))  # call 0: the screen's target; then one per grid point
+        if len(calls) == 1:
+            return out * 0
+        return torch.full_like(out, float(ranking.index(len(calls) - 2) + 1))  # screen loss ∝ rank
+
+    original = awq.resolve_search_dtype
+    awq.run_inspect, awq.resolve_search_dtype = fake_screen, lambda name, device: torch.bfloat16 if name == "auto" else original(name, device)
+    try:
+        s2, loss2, rtn2 = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, AWQParams(n_grid=10, search_dtype="mixed", finalists=2), "cpu", 4096)
+        calls.clear()
+        s1, _, _ = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, AWQParams(n_grid=10, search_dtype="mixed", finalists=1), "cpu", 4096)
+    finally:
+        awq.run_inspect, awq.resolve_search_dtype = real, original
+    assert best > 0 and torch.equal(s2, s32) and loss2 == pytest.approx(loss32) and rtn2 == pytest.approx(rtn32)
+    assert torch.equal(s1, grid[decoy]) or torch.equal(s1, torch.ones_like(s1))  # the float32 decision is what found point `best`

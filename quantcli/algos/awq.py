@@ -25,6 +25,7 @@ and :func:`replay_awq_layer` folds one layer's scales into a fresh base model.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ from quantcli.algos.driver import LayerContext, LayerResult
 from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import can_fold, channel_map, fold_scales
 from quantcli.artifact import Artifact
-from quantcli.models.arch import ArchSpec, ScalingGroup, resolve_groups
+from quantcli.models.arch import ARCHITECTURES, ArchSpec, ScalingGroup, resolve_groups
 from quantcli.models.act_hooks import fake_quant_input
 from quantcli.quant import QuantSpec, clip_range, quantize_weight
 from quantcli.quant.affine import grouped
@@ -50,10 +51,14 @@ class AWQParams:
     duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
-    search_dtype: str = "float32"  # of the scale search's forward passes: float32, auto, bfloat16, float16
+    # of the scale search's forward passes: float32, mixed, auto, bfloat16, float16. float32 stays the default until
+    # mixed is shown to match it on the real model (benchmarks/awq_speed.py): auto cost perplexity off the tuning text
+    search_dtype: str = "float32"
+    finalists: int = 2  # mixed: grid candidates the float32 decision re-evaluates, best of the low-precision screen
 
 
 SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEARCH_MODES = ("mixed", "auto", *SEARCH_DTYPES)
 
 
 def resolve_search_dtype(name: str, device) -> torch.dtype:
@@ -115,13 +120,30 @@ def search_scale(
     params: AWQParams,
     device,
     batch: int,
+    target: Tensor | None = None,
 ) -> tuple[Tensor, float, float]:
-    """Best scale ``[C]`` for one group, with its loss and the loss at ``s = 1`` (plain RTN)."""
+    """Best scale ``[C]`` for one group, with its loss and the loss at ``s = 1`` (plain RTN).
+
+    ``target``: the inspected module's full-precision output over ``x`` when already known (seen
+    during the driver's targets forward), else computed here. ``params.search_dtype``:
+
+    - ``float32`` (default), ``bfloat16``, ``float16``: target and every candidate forward in that dtype;
+    - ``auto``: bfloat16 where the device runs it fast, else float32 (see :func:`resolve_search_dtype`);
+    - ``mixed``: every grid candidate is screened with bfloat16 forwards against a
+      bfloat16 target (where bfloat16 is fast; elsewhere this is the float32 search), then the
+      ``params.finalists`` best of the screen and ``s = 1`` are evaluated in float32 against the
+      float32 target, and the float32 loss decides. Reported losses are always float32 ones.
+    """
     inspect = layer.get_submodule(group.inspect)
     linears = {n: layer.get_submodule(n) for n in quantized}
     originals = {n: m.weight.data.clone() for n, m in linears.items()}
-    dtype = resolve_search_dtype(params.search_dtype, device)
-    target = run_inspect(inspect, x, kwargs, device, batch, dtype)
+    mixed = params.search_dtype == "mixed"
+    dtype = resolve_search_dtype("auto" if mixed else params.search_dtype, device)
+    screen = mixed and dtype != torch.float32
+    final_dtype = torch.float32 if mixed else dtype
+    if target is None or final_dtype != torch.float32:
+        target = run_inspect(inspect, x, kwargs, device, batch, final_dtype)
+    screen_target = run_inspect(inspect, x, kwargs, device, batch, dtype) if screen else None
     x_mean = dist.all_mean(x.abs().reshape(-1, x.shape[-1]).float().mean(dim=0), x.shape[:-1].numel()).to(device)
     w_mean = weight_magnitude(list(originals.values()), spec).to(device) if params.duo_scaling else None
 
@@ -130,21 +152,25 @@ def search_scale(
     def quantize_input(_m, args):  # W-A settings: the linear sees Q_a(x / s) (the spec's quantizer, per token), put back on x's scale
         return (fake_quant_input(args[0] / current[0], spec) * current[0],) + tuple(args[1:])
 
-    def loss_for(s: Tensor) -> float:
+    def loss_for(s: Tensor, dtype: torch.dtype, reference: Tensor) -> float:
         current[0] = s_in = s.view(1, -1)
         for n, m in linears.items():
             m.weight.data = fake_quant(originals[n] * s_in, spec) / s_in
         out = run_inspect(inspect, x, kwargs, device, batch, dtype)
-        return dist.all_mean(torch.mean((out - target) ** 2).item(), out.numel())
+        return dist.all_mean(torch.mean((out - reference) ** 2).item(), out.numel())
 
     hooks = [m.register_forward_pre_hook(quantize_input) for m in linears.values()] if spec.abits < 16 else []
     try:
         ones = torch.ones_like(x_mean)
-        best_s, best_loss = ones, loss_for(ones)
+        grid = [candidate_scales(x_mean, w_mean, i / params.n_grid) for i in range(params.n_grid)]
+        if screen:  # a bfloat16 screen keeps the best few; float32 decides among them
+            screened = [loss_for(s, dtype, screen_target) for s in grid]
+            keep = sorted(range(len(grid)), key=screened.__getitem__)[: params.finalists]
+            grid = [grid[i] for i in sorted(keep)]  # in grid order, so ties resolve as the full search's would
+        best_s, best_loss = ones, loss_for(ones, final_dtype, target)
         rtn_loss = best_loss
-        for i in range(params.n_grid):
-            s = candidate_scales(x_mean, w_mean, i / params.n_grid)
-            loss = loss_for(s)
+        for s in grid:
+            loss = loss_for(s, final_dtype, target)
             if loss < best_loss:
                 best_s, best_loss = s, loss
     finally:
@@ -200,33 +226,87 @@ def search_clip(w: Tensor, gram: Tensor, spec: QuantSpec, params: AWQParams, row
     return (clip if clipped <= plain else torch.ones_like(clip)).cpu()
 
 
-def _capture_inputs(ctx: LayerContext, names: list[str]) -> tuple[dict[str, Tensor], dict]:
-    """Inputs ``[T, C]`` of the named submodules over the layer's inputs, and the attention kwargs."""
-    feats: dict[str, list[Tensor]] = {n: [] for n in names}
-    attn_kwargs: dict = {}
+def _observed_names(layer: nn.Module) -> tuple[list[str], list[str]]:
+    """Submodules whose inputs (first linear of a group, ``self_attn``) and outputs (inspected
+    modules) the search needs, for any architecture in the table (absent modules dropped)."""
+    inputs, outputs = set(), set()
+    for arch in ARCHITECTURES.values():
+        for group in resolve_groups(layer, arch):
+            inputs.add(group.linears[0])
+            outputs.add(group.inspect)
+            if group.inspect == "self_attn":
+                inputs.add("self_attn")
+    return sorted(inputs), sorted(outputs)
 
-    def hook(name):
+
+@contextmanager
+def observe_layer(layer: nn.Module):
+    """Record, during one forward of ``layer``, the inputs ``[T, C]`` of the groups' first
+    linears (and ``self_attn``, with its attention kwargs) and the inspected modules' outputs
+    (``[N, L, C]`` for blocks, ``[T, out]`` for linears), on CPU in float32.
+
+    Yields ``{"inputs": {name: Tensor}, "outputs": {name: Tensor}, "attn_kwargs": dict}``,
+    filled when the context exits. A module returning the very tensor another one returned
+    (``o_proj`` inside ``self_attn``) shares its copy.
+    """
+    input_names, output_names = _observed_names(layer)
+    feats: dict[str, list[Tensor]] = {n: [] for n in input_names}
+    outs: dict[str, list[Tensor]] = {n: [] for n in output_names}
+    attn_kwargs: dict = {}
+    last: list = [None, None]  # the last output seen and its CPU copy
+
+    def pre_hook(name):
         def fn(_m, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            feats[name].append(x.detach().reshape(-1, x.shape[-1]).cpu())
+            feats[name].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
             if name == "self_attn" and not attn_kwargs:
                 attn_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
         return fn
 
-    handles = [ctx.module.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+    def post_hook(name):
+        def fn(module, _args, output):
+            y = _out(output)
+            if last[0] is not y:
+                last[0], last[1] = y, y.detach().float().cpu()
+            outs[name].append(last[1] if not isinstance(module, nn.Linear) else last[1].reshape(-1, y.shape[-1]))
+
+        return fn
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(pre_hook(n), with_kwargs=True) for n in input_names]
+    handles += [layer.get_submodule(n).register_forward_hook(post_hook(n)) for n in output_names]
+    seen: dict = {}
     try:
-        ctx.forward()
+        yield seen
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.cat(v) for n, v in feats.items() if v}, attn_kwargs
+        last.clear()
+    seen.update(
+        inputs={n: torch.cat(v) for n, v in feats.items() if v},
+        outputs={n: torch.cat(v) for n, v in outs.items() if v},
+        attn_kwargs=attn_kwargs,
+    )
+
+
+def _capture(ctx: LayerContext) -> dict:
+    """What :func:`observe_layer` records, from ``ctx.seen`` or (when the driver did not observe
+    the targets forward, e.g. a direct call) from a forward of its own."""
+    if ctx.seen:
+        return ctx.seen
+    with observe_layer(ctx.module) as seen:
+        ctx.forward()
+    return seen
 
 
 @dataclass(frozen=True)
 class AWQ:
     params: AWQParams = AWQParams()
     needs_fp_stream: bool = False
+
+    def observe(self, layer: nn.Module):
+        """Record the search's inputs and targets during the driver's full-precision forward."""
+        return observe_layer(layer)
 
     def run_layer(self, ctx: LayerContext) -> LayerResult:
         layer, spec, params = ctx.module, ctx.spec, self.params
@@ -236,8 +316,8 @@ class AWQ:
         saved: dict[str, Tensor] = {}
         skipped, group_losses = [], {}
 
-        names = sorted({g.linears[0] for g in groups} | {"self_attn"} & {g.inspect for g in groups})
-        feats, attn_kwargs = _capture_inputs(ctx, names)
+        seen = _capture(ctx)
+        feats, outputs, attn_kwargs = dict(seen["inputs"]), seen["outputs"], seen["attn_kwargs"]
         for group in groups:
             targets = [n for n in group.linears if n in quantizable]
             if not targets:
@@ -252,7 +332,10 @@ class AWQ:
             inspect = layer.get_submodule(group.inspect)
             module_input = x.view(*n_tokens_shape, -1) if not isinstance(inspect, nn.Linear) else x
             kwargs = attn_kwargs if group.inspect == "self_attn" else {}
-            s, loss, rtn = search_scale(layer, group, targets, module_input, kwargs, spec, params, ctx.device, ctx.batch)
+            # the unquantized layer's output of the inspected module: folding earlier groups' scales kept the function
+            s, loss, rtn = search_scale(
+                layer, group, targets, module_input, kwargs, spec, params, ctx.device, ctx.batch, outputs.get(group.inspect)
+            )
             fold_scales(layer, group, s.to(ctx.device))
             for n in group.linears:
                 if n in feats:

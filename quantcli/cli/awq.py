@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from quantcli.algos.awq import AWQ, AWQ_FILE, SEARCH_DTYPES, AWQParams, clip_weights
+from quantcli.algos.awq import AWQ, AWQ_FILE, SEARCH_MODES, AWQParams, clip_weights
 from quantcli.cli import _options as opt
 from quantcli.cli._console import err
 from quantcli.cli._options import CalibArgs, RunArgs, WeightArgs, option_groups
@@ -35,7 +35,7 @@ DuoScaling = Annotated[
 MaxShrink = Annotated[float, typer.Option("--max-shrink", help="Largest fraction of a group's range the clip search may cut.", min=0.0, max=0.99)]
 Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="Search per-group clip ratios after the scales.")]
 SearchDtype = Annotated[
-    str, typer.Option("--search-dtype", help="float32, auto, bfloat16 or float16: the scale search's forward passes (auto: bfloat16 where fast, which cost perplexity on text it was not tuned on).")
+    str, typer.Option("--search-dtype", help="float32 (default), mixed, auto, bfloat16 or float16: the scale search's forward passes. mixed: every candidate screened in bfloat16 where fast, the best few and s = 1 decided in float32 (float32 elsewhere); float32: all in float32; auto: all in bfloat16 where fast (cost perplexity on text it was not tuned on).")
 ]
 SaveTransformed = Annotated[
     Optional[Path], typer.Option("--save-transformed", help="Also write the scaled, clipped fp model as an HF directory.", show_default=False)
@@ -56,8 +56,8 @@ def awq_command(
     run: RunArgs = RunArgs(),
 ) -> None:
     """Search per-channel scales and clip ratios that protect salient weights, then quantize."""
-    if search_dtype != "auto" and search_dtype not in SEARCH_DTYPES:
-        raise InputError(f"--search-dtype {search_dtype}: use auto, {', '.join(SEARCH_DTYPES)}")
+    if search_dtype not in SEARCH_MODES:
+        raise InputError(f"--search-dtype {search_dtype}: use {', '.join(SEARCH_MODES)}")
     params = AWQParams(n_grid=n_grid, duo_scaling=duo_scaling, clip=clip, max_shrink=max_shrink, search_dtype=search_dtype)
     plan = plan_stage("awq", input, weights, run)
     if save_transformed is not None:
