@@ -96,12 +96,16 @@ def launch(world: int, args: list[str]) -> dict:
 
 
 def code_flips(a: Path, b: Path) -> dict:
-    from safetensors.torch import load_file
+    """Integer codes (unpacked: one per weight) and zero points that differ between two artifacts."""
+    from quantcli.artifact import open_artifact
+    from quantcli.models.weights import read_quantized
 
-    ta, tb = load_file(a / "quantized.safetensors"), load_file(b / "quantized.safetensors")
-    keys = [k for k in ta if k.endswith((".qweight", ".zeros"))]
-    diff = sum(int((ta[k] != tb[k]).sum()) for k in keys)
-    total = sum(ta[k].numel() for k in keys)
+    qa, qb = read_quantized(open_artifact(a)), read_quantized(open_artifact(b))
+    diff = total = 0
+    for name in qa:
+        x, y = qa[name], qb[name]
+        diff += int((x.codes != y.codes).sum()) + int((x.zero != y.zero).sum())
+        total += x.codes.numel() + x.zero.numel()
     return {"differing": diff, "total": total, "fraction": diff / total}
 
 

@@ -69,14 +69,14 @@ def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 def code_flips(a: Path, b: Path) -> tuple[int, int]:
-    """(differing, total) integer codes and zero points between two artifacts' quantized weights."""
-    from safetensors.torch import load_file
+    """(differing, total) integer codes (unpacked, one per weight) and zero points between two artifacts."""
+    from quantcli.artifact import open_artifact
+    from quantcli.models.weights import read_quantized
 
-    ta, tb = load_file(a / "quantized.safetensors"), load_file(b / "quantized.safetensors")
-    assert ta.keys() == tb.keys()
-    integer = [k for k in ta if k.endswith((".qweight", ".zeros"))]
-    assert integer
-    return sum(int((ta[k] != tb[k]).sum()) for k in integer), sum(ta[k].numel() for k in integer)
+    qa, qb = read_quantized(open_artifact(a)), read_quantized(open_artifact(b))
+    assert set(qa) == set(qb) and len(qa)
+    differing = sum(int((qa[n].codes != qb[n].codes).sum()) + int((qa[n].zero != qb[n].zero).sum()) for n in qa)
+    return differing, sum(qa[n].codes.numel() + qa[n].zero.numel() for n in qa)
 
 
 @pytest.fixture(scope="module")
