@@ -4,21 +4,13 @@ bytes per token (measured from the tensors a cache holds) are about half of bf16
 from __future__ import annotations
 
 import conftest
-import pytest
 import torch
+from test_bench_kernels import one_thread  # noqa: F401  (autouse: one intra-op thread for tiny tensors)
 
 from quantcli.bench.kvcache import cache_bytes, dequantize_kv, int8_kv_cache, measured_kv_bytes_per_token, quantize_kv
 from quantcli.bench.latency import generate_once, kv_bytes_per_token
 from quantcli.models.act_hooks import install_kv_quant
 from quantcli.quant.act import fake_quant_per_token
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -320,14 +320,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("epochs", [0, 1])
-@pytest.mark.parametrize("arch", sorted(tiny_models()))
-def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tmp_path):
-    """W4A8 with LET: the fp model a following stage starts from (``materialize(quantized=False)``)
-    computes the base model's function, and the quantized materialisation holds exactly the weights
-    the driver left in the model (folded norms, dequantized codes)."""
-    from quantcli.loading import load_input, materialize
-    from quantcli.models.weights import read_quantized
+def _omniquant_stage(arch: str, spec: QuantSpec, params: OmniQuantParams, tmp_path):
+    """A saved tiny ``arch`` model through one OmniQuant stage: ``(loaded, ids, base logits, artifact)``;
+    the driver leaves ``loaded.model`` quantized in place."""
+    from quantcli.loading import load_input
     from quantcli.stage import Calibration, RunParams, StageParams, run_stage
 
     model_dir = tmp_path / "model"
@@ -337,9 +333,22 @@ def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tm
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = loaded.model(ids).logits
+    stage = StageParams("omniquant", OmniQuant(params), spec)
+    artifact = run_stage(stage, loaded, tmp_path / "omni", Calibration(ids, {}), RunParams("cpu", batch=2))
+    return loaded, ids, base, artifact
+
+
+@pytest.mark.parametrize("epochs", [0, 1])
+@pytest.mark.parametrize("arch", sorted(tiny_models()))
+def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tmp_path):
+    """W4A8 with LET: the fp model a following stage starts from (``materialize(quantized=False)``)
+    computes the base model's function, and the quantized materialisation holds exactly the weights
+    the driver left in the model (folded norms, dequantized codes)."""
+    from quantcli.loading import materialize
+    from quantcli.models.weights import read_quantized
+
     spec = QuantSpec(wbits=4, group=16, abits=8)
-    algo = OmniQuant(OmniQuantParams(epochs=epochs, let=True, let_lr=2e-2))
-    artifact = run_stage(StageParams("omniquant", algo, spec), loaded, tmp_path / "omni", Calibration(ids, {}), RunParams("cpu", batch=2))
+    loaded, ids, base, artifact = _omniquant_stage(arch, spec, OmniQuantParams(epochs=epochs, let=True, let_lr=2e-2), tmp_path)
     assert any(k.endswith(".let_scale") for k in artifact.tensors("omniquant.safetensors"))
 
     fp, _ = materialize(artifact, quantized=False)
@@ -479,20 +488,11 @@ def test_artifact_with_a_qk_scale_replays_to_the_trained_model(arch, tmp_path):
     function and its quantized replay holds exactly the weights the driver left (q/k rows, or Qwen3's
     folded q/k norms), so its evaluation is the trained model's. Catches a qk scale missing from the
     artifact or folded differently by the replay than after training."""
-    from quantcli.loading import load_input, materialize
+    from quantcli.loading import materialize
     from quantcli.models.act_hooks import install_spec_hooks
-    from quantcli.stage import Calibration, RunParams, StageParams, run_stage
 
-    model_dir = tmp_path / "model"
-    tiny_models()[arch](0).save_pretrained(model_dir)
-    char_tokenizer(TINY_TEXT).save_pretrained(model_dir)
-    loaded = load_input(str(model_dir), quantized=False)
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        base = loaded.model(ids).logits
     spec = QuantSpec(wbits=4, group=16, abits=8, kv_bits=4)
-    algo = OmniQuant(OmniQuantParams(epochs=1, let=True, let_lr=2e-2))
-    artifact = run_stage(StageParams("omniquant", algo, spec), loaded, tmp_path / "omni", Calibration(ids, {}), RunParams("cpu", batch=2))
+    loaded, ids, base, artifact = _omniquant_stage(arch, spec, OmniQuantParams(epochs=1, let=True, let_lr=2e-2), tmp_path)
     qk = {k: v for k, v in artifact.tensors("omniquant.safetensors").items() if k.endswith("qk.let_scale")}
     assert len(qk) == 2 and all(not torch.allclose(v, torch.ones_like(v)) for v in qk.values())
 
