@@ -148,13 +148,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def kv_capacity(model: nn.Module, make_cache, storage: str, budget: int, weights: int, device: torch.device) -> dict:
+def kv_capacity(model: nn.Module, make_cache, dtype: str, budget: int, weights: int, device: torch.device, storage: str = "") -> dict:
     """The KV cache's room in ``budget`` after ``weights``: bytes per token measured from the tensors a
     cache (``make_cache()``, or the model's default) holds after a short prefill, tokens and blocks."""
     per_token = measured_kv_bytes_per_token(model, make_cache, device)
     capacity = tokens_in_budget(budget - weights, per_token)
     return {
-        "dtype": storage,
+        "dtype": dtype,
+        **({"storage": storage} if storage else {}),
         "bytes_per_token": per_token,
         "bytes_per_token_source": "allocated cache tensors after a 32-token prefill",
         "memory_budget_bytes": budget,
@@ -197,7 +198,7 @@ def bench_model(
         "results": rows,
     }
     if int8_kv:
-        out["kv_cache"], out["kv_cache_fp"] = kv_capacity(model, make_cache, KV_INT8, budget, weights, device), fp
+        out["kv_cache"], out["kv_cache_fp"] = kv_capacity(model, make_cache, "int8", budget, weights, device, KV_INT8), fp
     return out
 
 
