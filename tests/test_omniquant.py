@@ -474,12 +474,22 @@ def test_qk_scale_lowers_the_layer_error_under_kv_quantization(init):
 
 
 def test_qk_scale_needs_a_quantized_kv_cache(tiny_dir):
+    """On by default with LET and --kv-bits (recorded, saved per layer); refused with one line without --kv-bits."""
     assert not OmniQuantParams(qk=True).qk_for(QuantSpec(4, 16, abits=8))
     assert OmniQuantParams().qk_for(QuantSpec(4, 16, abits=8, kv_bits=8))
     assert not OmniQuantParams(let=False).qk_for(QuantSpec(4, 16, abits=8, kv_bits=8))
     res = _quant("omniquant", tiny_dir / "model", "--w4", "--group", 16, "--abits", 8, "--qk-scale", "--epochs", 0,
                  "--dataset", tiny_dir / "text.txt", *CALIB, "-o", tiny_dir / "omni-never-qk", "-q", "--device", "cpu")
     assert res.exit_code != 0 and "--kv-bits" in res.output and not (tiny_dir / "omni-never-qk").exists()
+    out = tiny_dir / "omni-qk"
+    res = _quant("omniquant", tiny_dir / "model", "--w4", "--group", 16, "--abits", 8, "--kv-bits", 4, "--epochs", 0,
+                 "--dataset", tiny_dir / "text.txt", *CALIB, "-o", out, "-q", "--force", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["qk"] is True and manifest["params"]["qk_init"] == "stats"
+    from quantcli.artifact import open_artifact
+
+    assert sum(k.endswith("qk.let_scale") for k in open_artifact(out).tensors("omniquant.safetensors")) == 2
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
