@@ -201,6 +201,16 @@ def test_cli_w8a8_static_then_eval_and_bench(tiny_model_dir, tmp_path):
     record = json.loads(bench.stdout)
     assert record["kernels"]["counts"] == {INT_MM: 14} and not record["kernels"]["fallbacks"]
     assert any("static activation scales" in n for n in record["notes"])
+    # the spec's --kv-bits 8: an int8 KV cache in the timed path, its room beside the fp32 cache's
+    kv, fp = record["kv_cache"], record["kv_cache_fp"]
+    assert kv["dtype"].startswith("int8") and fp["dtype"] == "float32" and any("int8" in n for n in record["notes"])
+    assert (kv["bytes_per_token"], fp["bytes_per_token"]) == (2 * 2 * 2 * (16 + 1 + 4), 2 * 2 * 2 * 16 * 4)  # layers × K,V × KV heads × (…)
+    assert kv["capacity_tokens"] > 3 * fp["capacity_tokens"] > 0
+    plain = quant("bench", tmp_path / "q", "--kv-bits", 16, "--prompt-lens", 8, "--gen", 1, "--reps", 1, "--warmup", 0, "--dtype", "fp32", "--json", "-q")
+    assert plain.exit_code == 0 and "kv_cache_fp" not in json.loads(plain.stdout), plain.output
+    assert json.loads(plain.stdout)["kv_cache"]["bytes_per_token"] == fp["bytes_per_token"]
+    four = quant("bench", tmp_path / "q", "--kv-bits", 4)
+    assert four.exit_code != 0 and "--kv-bits 4" in four.stderr and "Traceback" not in four.output
     conflict = quant("rtn", tiny_model_dir, "--w8a8", "--w4", "-o", tmp_path / "x")
     assert conflict.exit_code != 0 and "--w8a8 sets the weight bits" in conflict.stderr
 

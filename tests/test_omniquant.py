@@ -320,14 +320,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("epochs", [0, 1])
-@pytest.mark.parametrize("arch", sorted(tiny_models()))
-def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tmp_path):
-    """W4A8 with LET: the fp model a following stage starts from (``materialize(quantized=False)``)
-    computes the base model's function, and the quantized materialisation holds exactly the weights
-    the driver left in the model (folded norms, dequantized codes)."""
-    from quantcli.loading import load_input, materialize
-    from quantcli.models.weights import read_quantized
+def _omniquant_stage(arch: str, spec: QuantSpec, params: OmniQuantParams, tmp_path):
+    """A saved tiny ``arch`` model through one OmniQuant stage: ``(loaded, ids, base logits, artifact)``;
+    the driver leaves ``loaded.model`` quantized in place."""
+    from quantcli.loading import load_input
     from quantcli.stage import Calibration, RunParams, StageParams, run_stage
 
     model_dir = tmp_path / "model"
@@ -337,9 +333,22 @@ def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tm
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = loaded.model(ids).logits
+    stage = StageParams("omniquant", OmniQuant(params), spec)
+    artifact = run_stage(stage, loaded, tmp_path / "omni", Calibration(ids, {}), RunParams("cpu", batch=2))
+    return loaded, ids, base, artifact
+
+
+@pytest.mark.parametrize("epochs", [0, 1])
+@pytest.mark.parametrize("arch", sorted(tiny_models()))
+def test_artifact_replays_to_the_base_function_and_to_its_codes(arch, epochs, tmp_path):
+    """W4A8 with LET: the fp model a following stage starts from (``materialize(quantized=False)``)
+    computes the base model's function, and the quantized materialisation holds exactly the weights
+    the driver left in the model (folded norms, dequantized codes)."""
+    from quantcli.loading import materialize
+    from quantcli.models.weights import read_quantized
+
     spec = QuantSpec(wbits=4, group=16, abits=8)
-    algo = OmniQuant(OmniQuantParams(epochs=epochs, let=True, let_lr=2e-2))
-    artifact = run_stage(StageParams("omniquant", algo, spec), loaded, tmp_path / "omni", Calibration(ids, {}), RunParams("cpu", batch=2))
+    loaded, ids, base, artifact = _omniquant_stage(arch, spec, OmniQuantParams(epochs=epochs, let=True, let_lr=2e-2), tmp_path)
     assert any(k.endswith(".let_scale") for k in artifact.tensors("omniquant.safetensors"))
 
     fp, _ = materialize(artifact, quantized=False)
@@ -391,3 +400,122 @@ def test_cli_awq_input_of_another_spec_is_refused_by_every_stage(tiny_dir, comma
     lines = [line for line in res.output.splitlines() if line.startswith("quant:")]
     assert res.exit_code != 0 and len(lines) == 1 and "another quantization spec (wbits 4 vs 3)" in lines[0], res.output
     assert "use w4g16" in lines[0] and not out.exists()
+
+
+# --------------------------------------------------------------------------- the q·kᵀ scale (with a quantized KV cache)
+
+
+@pytest.mark.parametrize("arch", sorted(tiny_models()))
+def test_qk_scale_folds_without_changing_the_layer(arch):
+    """A random q·kᵀ scale (one value per key head and rotary pair) leaves every table entry's layer
+    unchanged, as ``T_s(W)`` and folded by the replay: GQA (4 query / 2 key heads), Qwen2's q/k biases,
+    Qwen3's and Gemma3's per-head norms. A scale that differs within a rotary pair does change it:
+    the pairing (or the query head → key head map) being wrong would fail the first assertion."""
+    from torch.func import functional_call
+
+    from quantcli.algos.omniquant.let import QK, fold_qk, qk_site
+
+    model = canonicalize(tiny_models()[arch](0))
+    ctx = _layer_ctx(model, 0, QuantSpec(wbits=4, group=16), n=2, length=12)
+    layer = ctx.module
+    site = qk_site(layer)
+    assert site is not None and site.q.endswith("norm") == hasattr(layer.self_attn, "q_norm")
+    s = site.expand(torch.rand(site.free_shape, generator=torch.Generator().manual_seed(1)) * 3 + 0.3)
+    unpaired = torch.rand(site.width, generator=torch.Generator().manual_seed(2)) * 3 + 0.3
+    with torch.no_grad():
+        ref = _out(layer(ctx.inputs, **ctx.kwargs))
+        out = _out(functional_call(layer, transformed_params(layer, [], {QK: s}), (ctx.inputs,), ctx.kwargs))
+        broken = _out(functional_call(layer, transformed_params(layer, [], {QK: unpaired}), (ctx.inputs,), ctx.kwargs))
+        fold_let(layer, ctx.arch, saved_scales({QK: s}))
+        folded = _out(layer(ctx.inputs, **ctx.kwargs))
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(folded, ref, atol=1e-4, rtol=1e-4)
+    delta = (ref - ctx.inputs).norm()  # the attention + MLP part of the residual output
+    assert (broken - ref).norm() > 1e-3 * delta > 100 * (folded - ref).norm(), ((broken - ref).norm(), delta, (folded - ref).norm())
+    with pytest.raises(Exception, match="another model"):
+        fold_qk(layer, torch.ones(site.width + 2))
+
+
+def _outlier_keys(seed: int, factor: float = 12.0):
+    """The tiny Llama with a few key channels (whole rotary pairs, every key head) ``factor``× larger
+    and every query 4× larger (attention that is not uniform, so key errors matter): what real LLMs'
+    keys look like and what a per-token key quantizer suffers from."""
+    model = _tiny_llama(seed)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= 4.0
+            for h in range(model.config.num_key_value_heads):
+                for c in (1, 5):
+                    layer.self_attn.k_proj.weight[[h * d + c, h * d + c + d // 2]] *= factor
+    return model
+
+
+@pytest.mark.parametrize("init", ["stats", "ones"])
+def test_qk_scale_lowers_the_layer_error_under_kv_quantization(init):
+    """W8A8 with a 4-bit KV cache on keys with outlier channels: the layer's output error with the
+    q·kᵀ scale is lower than without it, from the statistics start alone (no training) and after
+    training from s = 1 (the original code's start). Catches a scale that never reaches the keys'
+    quantizer (e.g. folded after RoPE-free statistics the wrong way round, or not trained)."""
+    spec = QuantSpec(wbits=8, group=-1, abits=8, kv_bits=4)
+    epochs = 0 if init == "stats" else 4
+    loss = {}
+    for qk in (False, True):
+        ctx = _layer_ctx(canonicalize(_outlier_keys(7)), 0, spec, n=8, length=32)
+        params = OmniQuantParams(epochs=epochs, lwc=False, let=True, qk=qk, qk_init=init, batch_size=2, let_lr=5e-2)
+        result = OmniQuant(params, revert=False).run_layer(ctx)
+        assert ("qk.let_scale" in result.saved) == qk
+        loss[qk] = result.metrics["loss_end"]
+        if qk:
+            s = result.saved["qk.let_scale"].view(2, 2, -1)  # [kv heads, pair half, head_dim/2]
+            assert torch.equal(s[:, 0], s[:, 1])  # constant on every rotary pair
+            assert s[:, 0, [1, 5]].max() < s[:, 0].median()  # the outlier key channels were scaled down
+    assert loss[True] < 0.7 * loss[False], loss
+
+
+def test_qk_scale_needs_a_quantized_kv_cache(tiny_dir):
+    """On by default with LET and --kv-bits (recorded, saved per layer); refused with one line without --kv-bits."""
+    assert not OmniQuantParams(qk=True).qk_for(QuantSpec(4, 16, abits=8))
+    assert OmniQuantParams().qk_for(QuantSpec(4, 16, abits=8, kv_bits=8))
+    assert not OmniQuantParams(let=False).qk_for(QuantSpec(4, 16, abits=8, kv_bits=8))
+    res = _quant("omniquant", tiny_dir / "model", "--w4", "--group", 16, "--abits", 8, "--qk-scale", "--epochs", 0,
+                 "--dataset", tiny_dir / "text.txt", *CALIB, "-o", tiny_dir / "omni-never-qk", "-q", "--device", "cpu")
+    assert res.exit_code != 0 and "--kv-bits" in res.output and not (tiny_dir / "omni-never-qk").exists()
+    out = tiny_dir / "omni-qk"
+    res = _quant("omniquant", tiny_dir / "model", "--w4", "--group", 16, "--abits", 8, "--kv-bits", 4, "--epochs", 0,
+                 "--dataset", tiny_dir / "text.txt", *CALIB, "-o", out, "-q", "--force", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["qk"] is True and manifest["params"]["qk_init"] == "stats"
+    from quantcli.artifact import open_artifact
+
+    assert sum(k.endswith("qk.let_scale") for k in open_artifact(out).tensors("omniquant.safetensors")) == 2
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_artifact_with_a_qk_scale_replays_to_the_trained_model(arch, tmp_path):
+    """W4A8 + 4-bit KV cache with the q·kᵀ scale trained: the artifact's fp replay is the base model's
+    function and its quantized replay holds exactly the weights the driver left (q/k rows, or Qwen3's
+    folded q/k norms), so its evaluation is the trained model's. Catches a qk scale missing from the
+    artifact or folded differently by the replay than after training."""
+    from quantcli.loading import materialize
+    from quantcli.models.act_hooks import install_spec_hooks
+
+    spec = QuantSpec(wbits=4, group=16, abits=8, kv_bits=4)
+    loaded, ids, base, artifact = _omniquant_stage(arch, spec, OmniQuantParams(epochs=1, let=True, let_lr=2e-2), tmp_path)
+    qk = {k: v for k, v in artifact.tensors("omniquant.safetensors").items() if k.endswith("qk.let_scale")}
+    assert len(qk) == 2 and all(not torch.allclose(v, torch.ones_like(v)) for v in qk.values())
+
+    fp, _ = materialize(artifact, quantized=False)
+    with torch.no_grad():
+        assert _rel(fp(ids).logits, base) < 1e-4
+    quantized, _ = materialize(artifact, quantized=True)
+    driven = loaded.model
+    for name, p in quantized.named_parameters():
+        assert torch.equal(p, driven.get_parameter(name)), name
+    linears = [n for n, m in driven.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    handles = install_spec_hooks(driven, linears, spec)  # as the driver ran it; the replay installs its own
+    with torch.no_grad():
+        assert torch.allclose(quantized(ids).logits, driven(ids).logits, atol=1e-5)
+    for h in handles:
+        h.remove()

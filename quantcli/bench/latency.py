@@ -135,7 +135,12 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 def kv_cache_capacity(config, budget_bytes: int, dtype: torch.dtype) -> int:
     """Tokens of KV cache (summed over the batch) that fit in ``budget_bytes`` (full attention)."""
-    return max(0, int(budget_bytes)) // kv_bytes_per_token(config, dtype)
+    return tokens_in_budget(budget_bytes, kv_bytes_per_token(config, dtype))
+
+
+def tokens_in_budget(budget_bytes: int, bytes_per_token: int) -> int:
+    """Whole tokens of ``bytes_per_token`` each that fit in ``budget_bytes`` (0 for a negative budget)."""
+    return max(0, int(budget_bytes)) // max(1, bytes_per_token)
 
 
 KV_BLOCK_TOKENS = 16  # a paged KV cache's block (vLLM's default), the seed study's unit
@@ -172,18 +177,25 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers ≥ 5.x), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def generate_once(
-    model: nn.Module, ids: torch.Tensor, gen: int, device: torch.device
+    model: nn.Module, ids: torch.Tensor, gen: int, device: torch.device, make_cache: Callable[[], object] | None = None
 ) -> tuple[float, list[float]]:
-    """Greedy-decode ``gen`` tokens after prompt ``ids: [batch, L]`` with the model's KV cache.
+    """Greedy-decode ``gen`` tokens after prompt ``ids: [batch, L]`` with the model's KV cache
+    (``make_cache()``'s, made inside the timed prefill, else the model's default one).
 
     Returns ``(prefill_seconds, [seconds of each decode step])``; the prefill time includes
     picking the first token (time to first token).
     """
-    extra = _forward_kwargs(model)
+    extra, name = _forward_kwargs(model), cache_kwarg(model)
     synchronize(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, **extra)
+    first = {name: make_cache()} if make_cache is not None else {}
+    out = model(input_ids=ids, use_cache=True, **first, **extra)
     token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     synchronize(device)
     prefill = time.perf_counter() - t0
@@ -191,7 +203,7 @@ def generate_once(
     steps = []
     for _ in range(gen):
         t0 = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+        out = model(input_ids=token, use_cache=True, **{name: cache}, **extra)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         synchronize(device)
         steps.append(time.perf_counter() - t0)
@@ -211,8 +223,10 @@ def measure_prefill_decode(
     progress: Progress | None = None,
     configure: Callable[[int], dict] | None = None,
     profile: Callable[[int], dict] | None = None,
+    make_cache: Callable[[], object] | None = None,
 ) -> list[dict]:
-    """Time prefill and greedy decode for each prompt length on synthetic token ids.
+    """Time prefill and greedy decode for each prompt length on synthetic token ids (the KV cache
+    from ``make_cache()`` when given, e.g. :func:`quantcli.bench.kvcache.int8_kv_cache`).
 
     For each ``L`` in ``prompt_lens``: ids ``[batch, L]`` drawn with ``seed``; ``warmup`` untimed
     runs (prefill + a few decode steps), then ``reps`` timed runs of prefill + ``gen`` decode steps.
@@ -238,11 +252,11 @@ def measure_prefill_decode(
             for i in range(warmup):
                 if progress:
                     progress(f"prompt {length}: warm-up {i + 1}/{warmup}")
-                generate_once(model, ids, min(gen, 4), device)
+                generate_once(model, ids, min(gen, 4), device, make_cache)
             for i in range(reps):
                 if progress:
                     progress(f"prompt {length}: rep {i + 1}/{reps}")
-                prefill, steps = generate_once(model, ids, gen, device)
+                prefill, steps = generate_once(model, ids, gen, device, make_cache)
                 prefills.append(prefill)
                 if steps:
                     decodes.append(sum(steps) / len(steps))

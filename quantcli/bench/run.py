@@ -16,16 +16,16 @@ from torch import nn
 
 from quantcli.artifact import sha256_file
 from quantcli.bench.kernels import DENSE_PROBE_TOKENS, swap_in_kernels
+from quantcli.bench.kvcache import KV_INT8, int8_kv_cache, measured_kv_bytes_per_token
 from quantcli.bench.w8a8 import w8a8_builder
 from quantcli.bench.latency import (
     Progress,
     current_rss_bytes,
     free_memory_bytes,
-    kv_bytes_per_token,
-    kv_cache_capacity,
     kv_capacity_in_blocks,
     measure_prefill_decode,
     peak_memory_bytes,
+    tokens_in_budget,
     weight_bytes,
 )
 from quantcli.bench.moe import expert_call_stats, group_experts
@@ -53,6 +53,8 @@ class BenchParams:
     fast_paths: choose per phase what runs fastest (see :mod:`quantcli.bench.paths`): dense prefill
               for quantized linears from a measured token count, and with ``dtype="auto"`` the KV
               cache / prefill attention dtype per prompt length. False: kernels always, one dtype.
+    kv_bits:  None: as the input's spec says (``kv_bits 8`` → an int8 KV cache, see
+              :mod:`quantcli.bench.kvcache`); 8: an int8 KV cache whatever the spec; 16: the cache in ``dtype``.
     """
 
     prompt_lens: tuple[int, ...] = (100, 1000, 2000, 4000)
@@ -68,6 +70,7 @@ class BenchParams:
     seed: int = 0
     fast_paths: bool = True
     profile_steps: int = 0
+    kv_bits: int | None = None
 
 
 def parse_bytes(text: str) -> int:
@@ -145,42 +148,72 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def kv_capacity(model: nn.Module, make_cache, dtype: str, budget: int, weights: int, device: torch.device, storage: str = "") -> dict:
+    """The KV cache's room in ``budget`` after ``weights``: bytes per token measured from the tensors a
+    cache (``make_cache()``, or the model's default) holds after a short prefill, tokens and blocks."""
+    per_token = measured_kv_bytes_per_token(model, make_cache, device)
+    capacity = tokens_in_budget(budget - weights, per_token)
+    return {
+        "dtype": dtype,
+        **({"storage": storage} if storage else {}),
+        "bytes_per_token": per_token,
+        "bytes_per_token_source": "allocated cache tensors after a 32-token prefill",
+        "memory_budget_bytes": budget,
+        "capacity_tokens": capacity,
+        **kv_capacity_in_blocks(capacity),
+    }
+
+
 def bench_model(
     model: nn.Module, params: BenchParams, dtype: torch.dtype, budget: int, progress: Progress | None, label: str,
-    configure=None,
+    configure=None, int8_kv: bool = False,
 ) -> dict:
     """Latency rows, weight bytes, peak memory and KV-cache room of a model already on its device.
 
     ``budget`` is the memory for weights + KV cache; the KV cache gets what the weights leave, in
-    ``dtype``. ``configure(L)`` (see :func:`measure_prefill_decode`) sets per-length paths.
+    ``dtype`` (and, with ``int8_kv``, the timed int8 cache's room as ``kv_cache`` beside the
+    ``dtype`` cache's as ``kv_cache_fp``). ``configure(L)`` (see :func:`measure_prefill_decode`)
+    sets per-length paths.
     """
     device = torch.device(params.device)
+    make_cache = (lambda: int8_kv_cache(model.config)) if int8_kv else None
     profile = None
     if params.profile_steps:
         profile = lambda length: profile_phases(model, length, params.profile_steps, device, params.seed, params.batch)  # noqa: E731
     rows = measure_prefill_decode(
         model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
-        configure=configure, profile=profile,
+        configure=configure, profile=profile, make_cache=make_cache,
     )
     if configure is not None:
         configure(None)  # back to the serving dtype before sizing weights and KV cache
     weights = weight_bytes(model)
-    capacity = kv_cache_capacity(model.config, budget - weights, dtype)
-    return {
+    fp = kv_capacity(model, None, _dtype_name(dtype), budget, weights, device)
+    out = {
         "dtype": _dtype_name(dtype),
         "weight_bytes": weights,
         "peak_mem_bytes": peak_memory_bytes(device),
         "rss_bytes": current_rss_bytes(),
-        "kv_cache": {
-            "dtype": _dtype_name(dtype),
-            "bytes_per_token": kv_bytes_per_token(model.config, dtype),
-            "memory_budget_bytes": budget,
-            "capacity_tokens": capacity,
-            **kv_capacity_in_blocks(capacity),
-        },
+        "kv_cache": fp,
         "results": rows,
     }
+    if int8_kv:
+        out["kv_cache"], out["kv_cache_fp"] = kv_capacity(model, make_cache, "int8", budget, weights, device, KV_INT8), fp
+    return out
+
+
+def kv_cache_plan(loaded, params: BenchParams) -> tuple[bool, list[str]]:
+    """Whether the timed path stores the KV cache in int8, and notes for the report."""
+    spec_bits = loaded.spec.kv_bits if loaded.spec is not None else 16
+    bits = spec_bits if params.kv_bits is None else params.kv_bits
+    if bits == 8:
+        source = "--kv-bits 8" if params.kv_bits is not None else "the spec's --kv-bits 8"
+        return True, [f"KV cache stored in int8 ({source}): {KV_INT8}"]
+    if bits < 16:
+        return False, [f"KV cache kept in {params.dtype}: --kv-bits {bits} is fake-quantized in evaluation only (bench stores 8-bit KV)"]
+    if spec_bits < 16:
+        return False, [f"KV cache kept in {params.dtype} (--kv-bits 16): the spec's --kv-bits {spec_bits} is not applied here"]
+    return False, []
 
 
 def _ratios(quant: dict, base: dict) -> dict:
@@ -228,12 +261,13 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         )
         if loaded.spec is not None and loaded.spec.act_static:
             notes.append("static activation scales are not used here: the timed path quantizes activations per token")
-        if loaded.spec is not None and loaded.spec.kv_bits < 16:
-            from quantcli.models.act_hooks import KVQuantHandle
-
-            KVQuantHandle(list(model.modules())).remove()  # no fake-quant KV in the timed path
-            notes.append(f"KV cache kept in {params.dtype}: --kv-bits {loaded.spec.kv_bits} is fake-quantized in evaluation only")
         gc.collect()
+    if loaded.spec is not None and loaded.spec.kv_bits < 16:
+        from quantcli.models.act_hooks import KVQuantHandle
+
+        KVQuantHandle(list(model.modules())).remove()  # no fake-quant KV in the timed path: the cache itself quantizes
+    int8_kv, kv_notes = kv_cache_plan(loaded, params)
+    notes += kv_notes
     moe = group_experts(model)
     model.to(device)
     if device.type == "cuda":
@@ -253,7 +287,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         "params": asdict(params),
         "kernels": report.to_dict() if report is not None else None,
         "memory_budget": {"bytes": budget, "source": budget_source},
-        **bench_model(model, params, dtype, budget, progress, "quantized" if report else "model", configure),
+        **bench_model(model, params, dtype, budget, progress, "quantized" if report else "model", configure, int8_kv),
         "env": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

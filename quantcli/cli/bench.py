@@ -29,6 +29,10 @@ EPILOG = """Examples:
   quant bench rtn4/ --device cuda --memory-budget 20GiB --baseline bf16
 
   quant bench rtn4/ --baseline bf16 --plot latency.png
+
+  quant bench w8a8kv8/ --baseline bf16   (the artifact's --kv-bits 8: an int8 KV cache in the timed path)
+
+  quant bench rtn4/ --kv-bits 8   (an int8 KV cache for any model; its capacity beside the fp cache's)
 """
 
 
@@ -116,8 +120,16 @@ def _print_human(result: dict) -> None:
     err.print(
         f"weights {_mb(result['weight_bytes'])}, peak memory {_mb(result['peak_mem_bytes'])}; "
         f"KV cache ({kv['dtype']}) {kv['bytes_per_token']:,} B/token → {kv['capacity_tokens']:,} tokens "
+        f"({kv['blocks']:,} blocks of {kv['block_tokens']}, max batch {kv['max_batch']:,} at {kv['request_tokens']:,} tokens) "
         f"in a {_mb(budget['bytes'])} budget ({budget['source']}) after the weights"
     )
+    if "kv_cache_fp" in result:
+        fp = result["kv_cache_fp"]
+        err.print(
+            f"  the same budget with the KV cache in {fp['dtype']}: {fp['bytes_per_token']:,} B/token → "
+            f"{fp['capacity_tokens']:,} tokens, max batch {fp['max_batch']:,} "
+            f"(int8 holds {kv['capacity_tokens'] / max(1, fp['capacity_tokens']):.2f}×)"
+        )
     if "baseline" in result:
         base = result["baseline"]
         err.print(_latency_table(f"baseline {base['dtype']}", base["results"]))
@@ -151,6 +163,7 @@ def bench_command(
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch. Default: one per core.", min=1, show_default=False)] = None,
     seed: opt.Seed = 0,
     profile_steps: Annotated[int, typer.Option("--profile-steps", help="After timing each prompt length, profile one prefill and this many decode steps: time in linears, attention, dequantization and the rest.", min=0)] = 0,
+    kv_bits: Annotated[Optional[int], typer.Option("--kv-bits", help="KV cache storage: 8 = int8 per head and token (quantized on append), 16 = the --dtype cache. Default: as the artifact's spec (--kv-bits 8 → int8).", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write a PNG of TTFT and decode latency against prompt length (needs the 'plot' extra: matplotlib).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: opt.Quiet = False,
@@ -159,6 +172,8 @@ def bench_command(
     and KV-cache capacity, running quantized linears through real int4/int8 kernels."""
     if baseline is not None and baseline not in ("fp32", "bf16", "fp16"):
         raise InputError(f"--baseline {baseline}: use fp32, bf16 or fp16")
+    if kv_bits is not None and kv_bits not in (8, 16):
+        raise InputError(f"--kv-bits {kv_bits}: bench stores the KV cache in int8 (8) or in --dtype (16)")
     source = opt.input_or_stdin(input)
     if plot is not None:
         pyplot(plot)  # fail now, not after the benchmark, when matplotlib is missing
@@ -166,7 +181,7 @@ def bench_command(
         prompt_lens=_lens(prompt_lens), gen=gen, batch=batch, reps=reps, warmup=warmup,
         device=str(resolve_device(device)), dtype=dtype,
         memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
-        baseline=baseline, threads=threads, seed=seed, profile_steps=profile_steps,
+        baseline=baseline, threads=threads, seed=seed, profile_steps=profile_steps, kv_bits=kv_bits,
     )
     with status("loading model", quiet):
         loaded = load_input(source, device="cpu")

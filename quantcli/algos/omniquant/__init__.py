@@ -5,9 +5,9 @@
   kind's replay (an artifact's fp model = its base model with the saved scales folded in).
 * ``train.py``: the per-layer algorithm (:class:`OmniQuant`) and its training loop.
 
-No q·kᵀ scale: weights are quantized per row/group and neither Q, K nor the attention matmul is
-quantized, so a scale between q_proj and k_proj cancels (Q(c·w) = c·Q(w)); it comes back with KV
-quantization, where it acts.
+The q·kᵀ scale (``Q/s``, ``K·s``) is learned only with a quantized KV cache (``--kv-bits``): without
+it neither Q nor K is quantized and the scale cancels (weights are quantized per row/group,
+``Q(c·w) = c·Q(w)``); with it the keys' per-token quantizer sees the smoothed channels.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ where ``X_fp`` is the layer's input on the full-precision stream (so ``F(W, X_fp
 ``X_q`` its input on the quantized stream, and ``W' = Q_{γ,β}(T_s(W))`` the weights after the LET
 transform (``let.py``) and LWC fake quantization (``lwc.py``). With activation bits (``abits < 16``)
 every quantized linear's input is fake-quantized per token during training, the quantizer
-``materialize()`` installs at evaluation.
+``materialize()`` installs at evaluation; with ``kv_bits < 16`` the keys and values are too, and
+``s`` includes the q·kᵀ scale (``Q/s``, ``K·s``) that smooths the keys' channels for their quantizer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.func import functional_call
 
 from quantcli import dist
 from quantcli.algos.driver import LayerContext, LayerResult
-from quantcli.algos.omniquant.let import fold_let, let_init, saved_scales, transformed_params
+from quantcli.algos.omniquant.let import QK, QKSite, fold_let, let_init, qk_init, qk_site, saved_scales, transformed_params
 from quantcli.algos.omniquant.lwc import lwc_fake_quant, lwc_init, lwc_quantize
 from quantcli.algos.scaling import can_fold
 from quantcli.errors import InputError
@@ -38,6 +39,9 @@ class OmniQuantParams:
     """Training settings; activation bits come from the QuantSpec.
 
     ``let=None`` means: on for weight-activation quantization (abits < 16), off for weight-only.
+    ``qk``: the q·kᵀ scale; it acts only on a quantized KV cache (``kv_bits < 16``), where ``None``
+    means: with LET. ``qk_init``: ``"stats"`` (``s = (max|Q| / max|K|)^½`` per rotary pair) or
+    ``"ones"`` (the original code's start).
     """
 
     epochs: int = 5
@@ -47,9 +51,15 @@ class OmniQuantParams:
     let_lr: float = 5e-3
     batch_size: int = 1
     seed: int = 0
+    qk: bool | None = None
+    qk_init: str = "stats"
 
     def let_for(self, spec: QuantSpec) -> bool:
         return (not spec.weight_only) if self.let is None else self.let
+
+    def qk_for(self, spec: QuantSpec) -> bool:
+        """Whether the q·kᵀ scale is trained: only with a quantized KV cache (elsewhere it cancels)."""
+        return spec.kv_bits < 16 and (self.let_for(spec) if self.qk is None else self.qk)
 
 
 @dataclass
@@ -58,11 +68,19 @@ class Learnables:
 
     clips: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # linear → (a_hi, a_lo)
     scales: dict[str, Tensor] = field(default_factory=dict)  # scaling group name → s [C_prev]
+    qk: Tensor | None = None  # the q·kᵀ scale's free parameter [kv_heads, head_dim/2]
+    qk_site: QKSite | None = None
+
+    def all_scales(self) -> dict[str, Tensor]:
+        """Every LET scale by name, the q·kᵀ one (``"qk"``) expanded to its channels."""
+        if self.qk is None:
+            return self.scales
+        return {**self.scales, QK: self.qk_site.expand(self.qk)}
 
 
 def block_params(layer: nn.Module, groups: list[ScalingGroup], linears: list[str], learn: Learnables, spec: QuantSpec) -> dict[str, Tensor]:
     """``W' = Q_{γ,β}(T_s(W))`` for ``functional_call``: transformed, quantized linears fake-quantized."""
-    params = transformed_params(layer, groups, learn.scales)
+    params = transformed_params(layer, groups, learn.all_scales())
     for name in linears:
         w = params.get(f"{name}.weight", layer.get_parameter(f"{name}.weight"))
         a_hi, a_lo = learn.clips.get(name, (None, None))
@@ -71,24 +89,35 @@ def block_params(layer: nn.Module, groups: list[ScalingGroup], linears: list[str
 
 
 @torch.no_grad()
-def input_absmax(ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:
-    """Per-channel ``max|x|`` ``[C_in]`` of the inputs of the named linears over the layer's calibration inputs."""
+def channel_absmax(ctx: LayerContext, inputs_of: list[str], outputs_of: list[str] = ()) -> dict[str, Tensor]:
+    """Per-channel ``max|x|`` over the layer's calibration inputs, in one forward: of the input ``[C_in]``
+    of each module in ``inputs_of`` (keyed by its name) and of the output ``[C_out]`` (last dim) of each
+    in ``outputs_of`` (keyed ``"<name>:out"``)."""
     stats: dict[str, Tensor] = {}
 
-    def hook(name):
-        def fn(_m, args):
-            m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+    def record(key: str, x: Tensor) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        stats[key] = m if key not in stats else torch.maximum(stats[key], m)
 
-        return fn
+    def pre(name):
+        return lambda _m, args: record(name, args[0])
 
-    handles = [ctx.module.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    def post(name):
+        return lambda _m, _args, out: record(f"{name}:out", out)
+
+    handles = [ctx.module.get_submodule(n).register_forward_pre_hook(pre(n)) for n in inputs_of]
+    handles += [ctx.module.get_submodule(n).register_forward_hook(post(n)) for n in outputs_of]
     try:
         ctx.forward()
     finally:
         for h in handles:
             h.remove()
     return {name: dist.all_max(m) for name, m in stats.items()}
+
+
+def input_absmax(ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:
+    """Per-channel ``max|x|`` ``[C_in]`` of the inputs of the named linears over the layer's calibration inputs."""
+    return channel_absmax(ctx, names)
 
 
 def _output(value) -> Tensor:
@@ -206,11 +235,21 @@ class OmniQuant:
             if let or (awq is not None and not torch.all(awq == 1)):
                 groups.append(group)
         need_stats = [g.linears[0] for g in groups if f"{g.name}.scales" not in ctx.upstream]
-        stats = input_absmax(ctx, need_stats) if need_stats else {}
+        site = qk_site(layer) if params.qk_for(spec) else None
+        if params.qk_for(spec) and site is None:
+            skipped.append("qk: the attention's heads do not split into rotary pairs")
+        qk_stats = [site.q, site.k] if site is not None and params.qk_init == "stats" else []
+        stats = channel_absmax(ctx, need_stats, qk_stats) if need_stats or qk_stats else {}
         for group in groups:
             awq = ctx.upstream.get(f"{group.name}.scales")
             s = awq.float().to(ctx.device) if awq is not None else let_init(layer, group, stats[group.linears[0]]).to(ctx.device)
             learn.scales[group.name] = s
+        if site is not None:
+            learn.qk_site = site
+            if qk_stats:
+                learn.qk = qk_init(site, stats[f"{site.q}:out"], stats[f"{site.k}:out"]).to(ctx.device)
+            else:
+                learn.qk = torch.ones(site.free_shape, device=ctx.device)
         return learn, groups, linears, skipped
 
     def run_layer(self, ctx: LayerContext) -> LayerResult:
@@ -221,11 +260,13 @@ class OmniQuant:
         let = params.let_for(spec)
 
         lwc_tensors = [t for pair in learn.clips.values() for t in pair if t is not None]
-        let_tensors = list(learn.scales.values())
+        let_tensors = list(learn.scales.values()) if let else []
+        if learn.qk is not None:
+            let_tensors.append(learn.qk)
         param_groups = []
         if params.lwc and lwc_tensors:
             param_groups.append({"params": lwc_tensors, "lr": params.lwc_lr})
-        if let and let_tensors:
+        if let_tensors:
             param_groups.append({"params": let_tensors, "lr": params.let_lr})
         for group in param_groups:
             for t in group["params"]:
@@ -258,7 +299,7 @@ class OmniQuant:
 
         # The scales are the stage's fp transform: fold them exactly as a replay will, then quantize
         # the folded weights with the learned clips. No fp overrides: the replay recreates them.
-        saved = saved_scales(learn.scales)
+        saved = saved_scales(learn.all_scales())
         fold_let(layer, ctx.arch, saved)
         quantized = {}
         for name in linears:
