@@ -113,7 +113,7 @@ def test_unsupported_bits(tiny_model_dir, tmp_path):
 
 
 def test_unknown_search_dtype(tiny_model_dir, tmp_path):
-    one_line_error(quant("awq", tiny_model_dir, "--search-dtype", "fp8", "-o", tmp_path / "o"), "--search-dtype fp8: use auto, float32")
+    one_line_error(quant("awq", tiny_model_dir, "--search-dtype", "fp8", "-o", tmp_path / "o"), "--search-dtype fp8: use mixed, auto, float32")
     assert not (tmp_path / "o").exists()
 
 
