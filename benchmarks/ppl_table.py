@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--omni-epochs", type=int, default=20, help="epochs of omniquant on its own (paper init)")
     ap.add_argument("--omni-init-epochs", type=int, default=5, help="epochs of omniquant after awq (--init-from)")
+    ap.add_argument("--gptq-args", default="", help="extra options for every `quant gptq` stage, as one string: --gptq-args='--capture-dtype auto'")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppl_table.json"))
     args = ap.parse_args()
@@ -93,6 +95,8 @@ def main() -> None:
                         extra += ["--epochs", str(args.omni_epochs if i == 0 else args.omni_init_epochs)]
                         if i > 0:
                             extra += ["--init-from", source[0]]
+                    if stage == "gptq":
+                        extra += shlex.split(args.gptq_args)
                     path, seconds = timed_quant(stage, *source, *flags, *extra, "-o", f"{out}.{i}" if i < len(stages) - 1 else out, "--force", "-q")
                     done[key] = (path, seconds)
                 source, total = [path], total + seconds
@@ -100,7 +104,7 @@ def main() -> None:
 
     table = {"command": " ".join(sys.argv[1:]), "model": args.model or "default (SmolLM2-135M)", "calibration": {"text": rel(args.calib_text), "nsamples": args.nsamples,
              "seqlen": args.calib_seqlen, "seconds": round(calib_s, 1)}, "omniquant_epochs": {"omniquant": args.omni_epochs,
-             "awq+omniquant": args.omni_init_epochs}, "evaluation": {"text": rel(args.eval_text), "seqlen": args.seqlen,
+             "awq+omniquant": args.omni_init_epochs}, "gptq_args": args.gptq_args, "evaluation": {"text": rel(args.eval_text), "seqlen": args.seqlen,
              "windows": args.windows}, "rows": rows}
     Path(args.out).write_text(json.dumps(table, indent=2))
     print(f"\n{'method':>12} {'spec':>8} {'ppl':>9} {'quant s':>8}")
