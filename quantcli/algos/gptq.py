@@ -104,8 +104,38 @@ def accumulate_hessian(H: Tensor, x: Tensor, count: int) -> int:
 
 def hessian_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
     """``tr((W − Q) H (W − Q)ᵀ)`` for ``W, Q: [out, in]``, ``H: [in, in]``: the output error on the inputs of ``H``."""
-    D = W.float() - Q.float()
+    return _quadratic(W.float() - Q.float(), H)
+
+
+def _quadratic(D: Tensor, H: Tensor) -> float:
+    """``tr(D H Dᵀ)`` for ``D: [rows, in]``."""
     return float(((D @ H) * D).sum())
+
+
+RTN_ERR_ROWS = 512  # rows sampled by rtn_error_estimate
+
+
+def rtn_error_estimate(W: Tensor, H: Tensor, spec: QuantSpec, clip: Tensor | None = None, rows: int = RTN_ERR_ROWS) -> float:
+    """Estimate of ``tr(D H Dᵀ)``, ``D = W − RTN(W)`` (``W: [out, in]``, ``H: [in, in]``): the
+    error of plain rounding that GPTQ's exact ``gptq_err`` is shown against (a displayed metric).
+
+    The trace is a sum of per-row errors ``eᵣ = dᵣ H dᵣᵀ``. Every row's diagonal part
+    ``pᵣ = Σⱼ dᵣⱼ² Hⱼⱼ`` is cheap (``out · in``); the full ``eᵣ`` is computed on a fixed subset of
+    ``rows`` rows (drawn once from a seeded generator: deterministic) and the total is the ratio
+    estimate ``Σ p · (Σₛ e / Σₛ p)``. Exact when ``out <= rows``. The cost is ``rows · in²``
+    instead of ``out · in²`` (a LLaMA-2-7B layer: ~0.1 instead of ~1.4 plain forwards over
+    8 × 512 tokens). The relative error is about ``cv / √rows`` with ``cv`` the spread of ``e / p``
+    over the rows, which does not grow with the rows' scale: within ~1 % at 512 rows on tests.
+    """
+    D = W.float() - quantize_weight(W.float(), spec, clip).dequantize()
+    out = D.shape[0]
+    if out <= rows:
+        return _quadratic(D, H)
+    pick = torch.randperm(out, generator=torch.Generator().manual_seed(0))[:rows].sort().values.to(D.device)
+    diag = D.pow(2) @ H.diagonal().float()  # pᵣ, every row
+    exact = _quadratic(D[pick], H)
+    part = float(diag[pick].sum())
+    return float(diag.sum()) * exact / part if part > 0 else exact * out / rows
 
 
 def damp_and_invert(H: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tuple[Tensor | None, float]:
@@ -448,7 +478,7 @@ class GPTQ:
                 fallbacks += result.notes
             owned += len(groups)
             ctx.report(gptq_err=gptq_err, rtn_err=rtn_err)
-        metrics: dict = {"gptq_err": gptq_err, "rtn_err": rtn_err}
+        metrics: dict = {"gptq_err": gptq_err, "rtn_err": rtn_err}  # gptq_err exact; rtn_err estimated (rtn_error_estimate)
         if world.size > 1:  # how the layer's GPTQ work was spread: Hessian groups solved on each rank
             metrics["groups_by_rank"] = list(dist.all_sum(*(solved_here if r == world.rank else 0 for r in range(world.size))))
         if fallbacks:
@@ -471,7 +501,7 @@ class GPTQ:
             res = rtn_fallback(W, H, ctx.spec, clip, f"expert saw {count} calibration tokens (< --min-expert-tokens {p.min_expert_tokens})")
         else:
             res, _rows = _gptq_rows(W, H, ctx.spec, p, clip)
-        rtn = res.err if res.fallback else hessian_error(W, quantize_weight(W, ctx.spec, clip).dequantize(), H)
+        rtn = res.err if res.fallback else rtn_error_estimate(W, H, ctx.spec, clip)
         parts: dict[str, QuantizedWeight] = {}
         start = 0
         for name, w in zip(names, weights):
