@@ -193,7 +193,7 @@ def main() -> None:
         text.write_text(load_texts("builtin", "train").joined())
     rows: dict[str, dict] = {}
     if not (calib / "manifest.json").is_file():
-        rows["calibrate"] = measure(q + ["calibrate", str(model), "--dataset", str(text), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "-o", str(calib), "--force", "-q"])
+        rows["calibrate"] = measure(q + ["calibrate", str(model), "--dataset", str(text), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "-o", str(calib), "--force", "-q"], args.src)  # the checkout measured reads its own artifacts
     forward_s = None
     if not args.no_forward:
         fwd = measure([sys.executable, __file__, "--forward", str(model), str(calib), "8"])
