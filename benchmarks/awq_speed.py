@@ -5,7 +5,7 @@ first is the reference, float32), evaluates each artifact on the same windows, a
 scaling group (every layer) whether the chosen scale equals the reference's. Calibration: 8 × 256
 tokens, as ``ppl_table.py``'s benchmark; evaluation: ``prideprejudice.txt``, 16 × 512 windows.
 
-    python benchmarks/awq_speed.py --search-dtypes float32,screen --specs w4g64,w3g64
+    python benchmarks/awq_speed.py --search-dtypes float32,mixed --specs w4g64,w3g64
 
 Texts: ``emma.txt`` (Austen) and, from outside Austen, the English text of Python's own
 ``pydoc_data.topics`` (the help topics shipped with CPython), written to the work directory.
@@ -46,7 +46,7 @@ def scale_agreement(a: Path, b: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--search-dtypes", default="float32,screen")
+    ap.add_argument("--search-dtypes", default="float32,mixed")
     ap.add_argument("--specs", default="w4g64,w3g64")
     ap.add_argument("--texts", default="emma,pydoc")
     ap.add_argument("--nsamples", type=int, default=8)

@@ -43,7 +43,6 @@ PHASES = [
     ("quantcli.algos.gptq", "accumulate_hessian", "hessian accumulation"),
     ("quantcli.algos.gptq", "damp_and_invert", "factorisation"),
     ("quantcli.algos.gptq", "gptq_quantize", "column loop"),
-    ("quantcli.algos.gptq", "_gptq_rows", "column loop"),  # what run_layer calls (factorisation nested)
     ("quantcli.algos.gptq", "hessian_error", "error metrics"),
     ("quantcli.algos.gptq", "rtn_error_estimate", "error metrics"),
     ("quantcli.algos.awq", "search_scale", "scale search"),

@@ -298,13 +298,13 @@ def test_mixed_search_lets_float32_overrule_the_screen():
             return out * 0
         return torch.full_like(out, float(ranking.index(len(calls) - 2) + 1))  # screen loss ∝ rank
 
-    original = awq.resolve_search_dtype
-    awq.run_inspect, awq.resolve_search_dtype = fake_screen, lambda name, device: torch.bfloat16 if name == "auto" else original(name, device)
+    original = awq.resolve_compute_dtype
+    awq.run_inspect, awq.resolve_compute_dtype = fake_screen, lambda name, device: torch.bfloat16 if name == "auto" else original(name, device)
     try:
         s2, loss2, rtn2 = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, AWQParams(n_grid=10, search_dtype="mixed", finalists=2), "cpu", 4096)
         calls.clear()
         s1, _, _ = search_scale(layer, group, ["block.a", "block.b"], x, {}, spec, AWQParams(n_grid=10, search_dtype="mixed", finalists=1), "cpu", 4096)
     finally:
-        awq.run_inspect, awq.resolve_search_dtype = real, original
+        awq.run_inspect, awq.resolve_compute_dtype = real, original
     assert best > 0 and torch.equal(s2, s32) and loss2 == pytest.approx(loss32) and rtn2 == pytest.approx(rtn32)
     assert torch.equal(s1, grid[decoy]) or torch.equal(s1, torch.ones_like(s1))  # the float32 decision is what found point `best`

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from quantcli import dist
-from quantcli.algos.driver import LayerContext, LayerResult
+from quantcli.algos.driver import COMPUTE_DTYPES, LayerContext, LayerResult, autocast_to, resolve_compute_dtype
 from quantcli.algos.replay import register_replay
 from quantcli.algos.scaling import can_fold, channel_map, fold_scales
 from quantcli.artifact import Artifact
@@ -57,19 +57,7 @@ class AWQParams:
     finalists: int = 2  # mixed: grid candidates the float32 decision re-evaluates, best of the low-precision screen
 
 
-SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SEARCH_MODES = ("mixed", "auto", *SEARCH_DTYPES)
-
-
-def resolve_search_dtype(name: str, device) -> torch.dtype:
-    """``auto``: bfloat16 where the device runs it fast (CUDA with bf16 units, a CPU oneDNN runs
-    bf16 on), else float32. The target and every candidate use the same dtype, so their losses
-    stay comparable; the weights found are applied in full precision."""
-    if name != "auto":
-        return SEARCH_DTYPES[name]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+SEARCH_MODES = ("mixed", "auto", *COMPUTE_DTYPES)
 
 
 def fake_quant(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> Tensor:
@@ -104,7 +92,7 @@ def run_inspect(module: nn.Module, x: Tensor, kwargs: dict, device, batch: int, 
     """``module(x)`` over ``x`` (``[N, L, C]`` in chunks of ``batch`` samples, or ``[T, C]`` in
     chunks of ``batch · 2048`` tokens), under autocast to ``dtype`` unless float32; output float32 on CPU."""
     step = batch if x.dim() == 3 else batch * 2048
-    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast_to(device, dtype):
         outs = [_out(module(x[i : i + step].to(device), **kwargs)).float().cpu() for i in range(0, x.shape[0], step)]
     return torch.cat(outs)
 
@@ -128,7 +116,7 @@ def search_scale(
     during the driver's targets forward), else computed here. ``params.search_dtype``:
 
     - ``float32`` (default), ``bfloat16``, ``float16``: target and every candidate forward in that dtype;
-    - ``auto``: bfloat16 where the device runs it fast, else float32 (see :func:`resolve_search_dtype`);
+    - ``auto``: bfloat16 where the device runs it fast, else float32 (see :func:`~quantcli.algos.driver.resolve_compute_dtype`);
     - ``mixed``: every grid candidate is screened with bfloat16 forwards against a
       bfloat16 target (where bfloat16 is fast; elsewhere this is the float32 search), then the
       ``params.finalists`` best of the screen and ``s = 1`` are evaluated in float32 against the
@@ -138,7 +126,7 @@ def search_scale(
     linears = {n: layer.get_submodule(n) for n in quantized}
     originals = {n: m.weight.data.clone() for n, m in linears.items()}
     mixed = params.search_dtype == "mixed"
-    dtype = resolve_search_dtype("auto" if mixed else params.search_dtype, device)
+    dtype = resolve_compute_dtype("auto" if mixed else params.search_dtype, device)
     screen = mixed and dtype != torch.float32
     final_dtype = torch.float32 if mixed else dtype
     if target is None or final_dtype != torch.float32:

@@ -173,6 +173,25 @@ class ActivationStore:
         return out
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_compute_dtype(name: str, device) -> torch.dtype:
+    """The dtype an algorithm's auxiliary forwards (AWQ's search, GPTQ's capture) run in: one of
+    :data:`COMPUTE_DTYPES`, or ``auto``: bfloat16 where the device runs it fast (CUDA with bf16
+    units, a CPU oneDNN runs bf16 on), else float32."""
+    if name != "auto":
+        return COMPUTE_DTYPES[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def autocast_to(device, dtype: torch.dtype) -> ContextManager:
+    """Autocast to ``dtype`` on ``device``'s type; a no-op for float32."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def check_spec(model: nn.Module, spec: QuantSpec) -> None:
     """Refuse before any work a spec that cannot apply to one of the model's linears."""
     arch = arch_spec(model)

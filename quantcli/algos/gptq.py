@@ -34,14 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from quantcli import dist
-from quantcli.algos.driver import LayerContext, LayerResult
+from quantcli.algos.driver import COMPUTE_DTYPES, LayerContext, LayerResult, autocast_to, resolve_compute_dtype
 from quantcli.algos.replay import register_no_replay
 from quantcli.errors import SpecError
 from quantcli.models.arch import expand
 from quantcli.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize_affine, quantize_affine, quantize_weight
 
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
-CAPTURE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CAPTURE_DTYPES = ("auto", *COMPUTE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,12 @@ def _blocks(n: int, group: int, block: int):
         i1 = i2
 
 
+def _mean_diag(H: Tensor) -> Tensor:
+    """``mean(diag H)`` with dead columns counted as 1, as :func:`damp_and_invert` damps."""
+    diag = H.diagonal().float()
+    return torch.where(diag == 0, torch.ones_like(diag), diag).mean()
+
+
 @torch.no_grad()
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, clip: Tensor | None = None) -> GPTQOutput:
     """GPTQ codes for ``W: [out, in]`` that minimise ``tr((W − Q) H (W − Q)ᵀ)``, ``H: [in, in]``.
@@ -236,18 +242,6 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     nearest instead (never raises on a bad Hessian). The rows are independent given ``H``: linears
     that see the same inputs can be quantized as one ``W`` (their rows stacked).
     """
-    return _gptq_rows(W, H, spec, params, clip)[0]
-
-
-def _mean_diag(H: Tensor) -> Tensor:
-    """``mean(diag H)`` with dead columns counted as 1, as :func:`damp_and_invert` damps."""
-    diag = H.diagonal().float()
-    return torch.where(diag == 0, torch.ones_like(diag), diag).mean()
-
-
-@torch.no_grad()
-def _gptq_rows(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, clip: Tensor | None) -> tuple[GPTQOutput, Tensor | None]:
-    """:func:`gptq_quantize`, with the error per row ``[out]`` (float64; None after a fallback)."""
     W = W.float()
     out_features, n = W.shape
     group = spec.group_for(n)
@@ -257,11 +251,11 @@ def _gptq_rows(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, clip: 
         raise ValueError("AWQ clip ratios belong to contiguous groups: use static groups with act order")
 
     if (problem := _hessian_problem(H)) is not None:
-        return rtn_fallback(W, H, spec, clip, problem), None
+        return rtn_fallback(W, H, spec, clip, problem)
     perm = torch.argsort(H.diagonal(), descending=True) if params.act_order else torch.arange(n, device=W.device)
     U, damp = damp_and_invert(H[perm][:, perm], params.damp)
     if U is None:
-        return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}"), None
+        return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}")
 
     Wp = W[:, perm].clone()  # visiting order; corrected in place, column by column
     codes = torch.empty(out_features, n, dtype=torch.uint8, device=W.device)
@@ -306,8 +300,8 @@ def _gptq_rows(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, clip: 
     # columns' diagonal), so tr((W−Q) H (W−Q)ᵀ) = ‖E‖² − λ ‖W−Q‖² − ‖(W−Q) on dead columns‖²
     D = (W - weight.dequantize()).double()
     dead = H.diagonal() == 0
-    row_err = squared - damp * float(_mean_diag(H)) * D.pow(2).sum(dim=1) - D[:, dead].pow(2).sum(dim=1)
-    return GPTQOutput(weight, float(row_err.sum()), damp, None), row_err
+    err = squared - damp * float(_mean_diag(H)) * D.pow(2).sum(dim=1) - D[:, dead].pow(2).sum(dim=1)
+    return GPTQOutput(weight, float(err.sum()), damp, None)
 
 
 # --------------------------------------------------------------------------- the layer algorithm
@@ -375,10 +369,6 @@ class _HessianHooks:
         self.latest.clear()
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 @torch.no_grad()
 def capture_hessians(ctx: LayerContext, names: list[str], dtype: torch.dtype = torch.float32) -> list[HessianGroup]:
     """Run the layer over ``ctx.inputs`` (computing in ``dtype``) and return the named linears'
@@ -393,7 +383,7 @@ def capture_hessians(ctx: LayerContext, names: list[str], dtype: torch.dtype = t
         for start in range(0, ctx.inputs.shape[0], ctx.batch):
             hooks.waiting.update(names)
             try:
-                with _autocast(ctx.device, dtype):
+                with autocast_to(ctx.device, dtype):
                     ctx.module(ctx.inputs[start : start + ctx.batch].to(ctx.device), **ctx.kwargs)
             except _Captured:
                 pass
@@ -411,13 +401,6 @@ def expert_linears(layer, arch) -> list[str]:
     return [name for stage in arch.sequential for pattern in stage if "*" in pattern for name in expand(layer, pattern)]
 
 
-def resolve_capture_dtype(name: str, device) -> torch.dtype:
-    """``auto``: bfloat16 where the device runs it fast, else float32 (as AWQ's search dtype)."""
-    from quantcli.algos.awq import resolve_search_dtype
-
-    return resolve_search_dtype(name, device)
-
-
 @dataclass(frozen=True)
 class GPTQ:
     params: GPTQParams = GPTQParams()
@@ -433,7 +416,7 @@ class GPTQ:
         hooks = _HessianHooks({n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}, device, first_only=True)
         seen: dict = {}
         try:
-            with _autocast(device, resolve_capture_dtype(self.params.capture_dtype, device)):
+            with autocast_to(device, resolve_compute_dtype(self.params.capture_dtype, device)):
                 yield seen
         finally:
             hooks.remove()
@@ -444,7 +427,7 @@ class GPTQ:
         if ctx.inputs is None:
             raise ValueError("GPTQ needs calibration inputs")
         p = self.params
-        dtype = resolve_capture_dtype(p.capture_dtype, ctx.device)
+        dtype = resolve_compute_dtype(p.capture_dtype, ctx.device)
         stages = ctx.linears()
         if not p.true_sequential:
             stages = [[name for stage in stages for name in stage]]
@@ -500,7 +483,7 @@ class GPTQ:
         if all(name in experts for name in names) and count < p.min_expert_tokens:
             res = rtn_fallback(W, H, ctx.spec, clip, f"expert saw {count} calibration tokens (< --min-expert-tokens {p.min_expert_tokens})")
         else:
-            res, _rows = _gptq_rows(W, H, ctx.spec, p, clip)
+            res = gptq_quantize(W, H, ctx.spec, p, clip)
         rtn = res.err if res.fallback else rtn_error_estimate(W, H, ctx.spec, clip)
         parts: dict[str, QuantizedWeight] = {}
         start = 0
