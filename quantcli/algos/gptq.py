@@ -7,8 +7,10 @@ Objective, per linear with weight ``W: [out, in]`` and calibration inputs ``X: [
 GPTQ (Frantar et al., ICLR 2023) visits the columns in a fixed order. After rounding column ``i``
 it moves the not-yet-rounded columns by the optimal (Optimal Brain Surgeon) correction for that
 column's error, read off row ``i`` of ``U``, the upper Cholesky factor of ``H⁻¹``. Corrections are
-applied lazily: immediately inside a block of ``block_size`` columns, to the rest of the matrix
-once per block, which changes the arithmetic order only.
+applied lazily, which changes the arithmetic order only: immediately (rank 1) inside a sub-block
+of ``INNER_BLOCK`` columns, to the rest of its block once per sub-block, and to the rest of the
+matrix once per block of ``block_size`` columns. The weight is held transposed, so every update
+writes contiguous rows.
 
 * act order: visit columns by decreasing ``diag(H)`` (the inputs with most energy first, while
   the most columns are still free to absorb their error).
@@ -41,6 +43,7 @@ from quantcli.models.arch import expand
 from quantcli.quant import QuantizedWeight, QuantSpec, compute_qparams, dequantize_affine, quantize_affine, quantize_weight
 
 DAMP_RETRIES = 3  # each retry multiplies the damping by 10
+INNER_BLOCK = 32  # columns per rank-1 sub-block inside a lazy-update block (arithmetic order only)
 CAPTURE_DTYPES = ("auto", *COMPUTE_DTYPES)
 
 
@@ -257,12 +260,15 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     if U is None:
         return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}")
 
-    Wp = W[:, perm].clone()  # visiting order; corrected in place, column by column
-    codes = torch.empty(out_features, n, dtype=torch.uint8, device=W.device)
+    # the weight transposed, in visiting order: each column is a contiguous row of WT, and every
+    # correction below touches whole contiguous rows (the rank-1 updates were strided slices before)
+    WT = W.T[perm].contiguous()  # [in, out]
+    codes_t = torch.empty(n, out_features, dtype=torch.uint8, device=W.device)
     if params.static_groups:
         scale, zero = compute_qparams(W, spec.wbits, group, spec.sym, clip)
         group_index = perm // group  # each visited column keeps its original contiguous group
         group_of = group_index.tolist()
+        scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()  # [groups, out]
     else:
         scale = torch.empty(out_features, n_groups, device=W.device)
         zero = torch.empty_like(scale)
@@ -271,31 +277,33 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     squared = torch.zeros(out_features, dtype=torch.float64, device=W.device)  # ‖E‖² per row
     diag_u = U.diagonal().tolist()
     for i1, i2 in _blocks(n, group, params.block_size):
-        errors = torch.empty(out_features, i2 - i1, device=W.device)
-        if params.static_groups:  # every column's parameters are known: gather the block's at once
-            cols = group_index[i1:i2]
-            block_scale, block_zero = scale[:, cols], zero[:, cols]
-        for i in range(i1, i2):
-            if params.static_groups:
-                s, z = block_scale[:, i - i1], block_zero[:, i - i1]
-            else:
-                j = group_of[i]
-                if i % group == 0:
-                    ratio = None if clip is None else clip[:, j : j + 1]
-                    scale[:, j : j + 1], zero[:, j : j + 1] = compute_qparams(Wp[:, i : i + group], spec.wbits, group, spec.sym, ratio)
-                s, z = scale[:, j], zero[:, j]
-            w = Wp[:, i]
-            q = quantize_affine(w, s, z, spec.wbits)
-            codes[:, i] = q
-            e = (w - dequantize_affine(q, s, z)) / diag_u[i]
-            Wp[:, i + 1 : i2].addr_(e, U[i, i + 1 : i2], alpha=-1)
-            errors[:, i - i1] = e
-        squared += errors.double().pow(2).sum(dim=1)
-        Wp[:, i2:].addmm_(errors, U[i1:i2, i2:], alpha=-1)
+        errors_t = torch.empty(i2 - i1, out_features, device=W.device)  # scaled errors of the block's columns
+        for j1, j2 in _blocks(i2 - i1, group, INNER_BLOCK):  # two-level lazy updates: rank-1 inside a sub-block
+            j1, j2 = j1 + i1, j2 + i1
+            for i in range(j1, j2):
+                if params.static_groups:
+                    s, z = scale_t[group_of[i]], zero_t[group_of[i]]
+                else:
+                    j = group_of[i]
+                    if i % group == 0:
+                        ratio = None if clip is None else clip[:, j : j + 1]
+                        scale[:, j : j + 1], zero[:, j : j + 1] = compute_qparams(WT[i : i + group].T, spec.wbits, group, spec.sym, ratio)
+                    s, z = scale[:, j], zero[:, j]
+                w = WT[i]
+                q = quantize_affine(w, s, z, spec.wbits)
+                codes_t[i] = q
+                e = errors_t[i - i1]
+                torch.sub(w, dequantize_affine(q, s, z), out=e).div_(diag_u[i])
+                if i + 1 < j2:
+                    WT[i + 1 : j2].addr_(U[i, i + 1 : j2], e, alpha=-1)
+            if j2 < i2:
+                WT[j2:i2].addmm_(U[j1:j2, j2:i2].T, errors_t[j1 - i1 : j2 - i1], alpha=-1)
+        squared += errors_t.double().pow(2).sum(dim=0)
+        WT[i2:].addmm_(U[i1:i2, i2:].T, errors_t, alpha=-1)
 
     inverse = torch.argsort(perm)
     g_idx = torch.tensor(group_of, dtype=torch.int32, device=W.device)[inverse] if permuted_groups else None
-    weight = QuantizedWeight(codes[:, inverse], scale, zero, group, g_idx)
+    weight = QuantizedWeight(codes_t[inverse].T.contiguous(), scale, zero, group, g_idx)
     # W − Q = E U (E: the scaled errors), and U H_d Uᵀ = I for the damped H_d = H + λ I (+ 1 on dead
     # columns' diagonal), so tr((W−Q) H (W−Q)ᵀ) = ‖E‖² − λ ‖W−Q‖² − ‖(W−Q) on dead columns‖²
     D = (W - weight.dequantize()).double()
