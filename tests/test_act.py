@@ -154,7 +154,7 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
     """A W8A8 artifact runs through the int8 GEMM with logits matching the fake-quant model; a
     grouped W4A8 one falls back, and the report says so."""
     from quantcli.bench.kernels import swap_in_kernels
-    from quantcli.bench.w8a8 import FALLBACK, INT_MM, w8a8_builder
+    from quantcli.bench.w8a8 import FALLBACK, FORWARD_EAGER, FORWARD_FUSED, INT_MM, fused_int8_linear, w8a8_builder
 
     ids = torch.randint(0, 60, (4, 32), generator=torch.Generator().manual_seed(0))
     held = torch.randint(0, 60, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -167,6 +167,9 @@ def test_bench_swaps_in_the_int8_gemm_and_lists_fallbacks(tiny_model_dir, tmp_pa
         real = loaded.model(held).logits
     assert report.counts() == {INT_MM: len(loaded.quantized)} and not report.fallbacks()
     assert ((real - fake).norm() / fake.norm()).item() < 1e-2
+    # how the quantize/GEMM/epilogue call ran is reported (fused where torch.compile works here)
+    assert report.to_dict()["int8_forward"] == fused_int8_linear(torch.device("cpu"))[1]
+    assert report.int8_forward == FORWARD_FUSED or report.int8_forward.startswith(FORWARD_EAGER + "; ")
 
     grouped = QuantSpec(4, 32, abits=8)
     rtn(tiny_model_dir, grouped, tmp_path / "w4a8", ids)

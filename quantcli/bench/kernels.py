@@ -50,6 +50,7 @@ DEQUANT = "dequant-fp"
 DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense matmul (prefill)
 DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
 DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
+INT8_LABEL = "quantcli::int8_linear"  # torch.profiler label of a whole W8A8 call (quantize, int8 GEMM, epilogue)
 UNPACK_FUSED = "one fused pass (torch.compile)"  # how the dense prefill path unpacks int4 weights
 UNPACK_EAGER = "eager, five passes"
 
@@ -442,6 +443,7 @@ class KernelReport:
     layers: dict[str, LayerKernel] = field(default_factory=dict)
     shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: kernel vs dense timings
     unpack: str = ""  # how the dense prefill path unpacks int4 weights ("" when no layer has that path)
+    int8_forward: str = ""  # how the int8 GEMM's activation quantization and epilogue run ("" without W8A8 layers)
 
     def path_counts(self, tokens: int) -> dict[str, int]:
         """Number of layers per path for a call with ``tokens`` rows (1: decode; batch·L: prefill)."""
@@ -469,6 +471,7 @@ class KernelReport:
             "fallbacks": self.fallbacks(),
             "dense_prefill_shapes": self.shapes,
             "dense_prefill_unpack": self.unpack,
+            "int8_forward": self.int8_forward,
             "layers": {name: asdict(lk) for name, lk in self.layers.items()},
         }
 
@@ -623,6 +626,7 @@ def swap_in_kernels(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         report.layers[name] = choice
+        report.int8_forward = getattr(module, "forward_how", report.int8_forward)
     if any(lk.dense_from is not None and lk.kernel in (INT4_CPU, INT4_CUDA) for lk in report.layers.values()):
         report.unpack = fused_unpacker()[1]
     return report

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantcli.bench.kernels import DEQUANT_LABEL, KERNEL_MODULES, KernelReport
+from quantcli.bench.kernels import DEQUANT_LABEL, INT8_LABEL, KERNEL_MODULES, KernelReport
 from quantcli.bench.latency import _attention_geometry, _forward_kwargs, fastest_ms, synchronize
 
 PHASE_ATTENTION = "quantcli_phase_sdpa"  # transformers attention implementation registered below
@@ -277,21 +277,23 @@ def profile_phases(model: nn.Module, length: int, steps: int, device: torch.devi
 
 
 def _split(averages, wall_ms: float, n: int) -> dict:
-    """Bucket self CPU time (ms per call of the phase) by op name."""
+    """Bucket self CPU time (ms per call of the phase) by op name. A W8A8 linear's whole call
+    (activation quantization, int8 GEMM, epilogue: the :data:`INT8_LABEL` range) counts as matmul."""
     buckets = {"attention_ms": 0.0, "matmul_ms": 0.0, "dequantize_ms": 0.0}
-    dequant_total = 0.0
+    labelled = {DEQUANT_LABEL: 0.0, INT8_LABEL: 0.0}  # inclusive time of our labelled ranges
     for ev in averages:
-        if ev.key == DEQUANT_LABEL:
-            dequant_total = ev.cpu_time_total / 1e3 / n
+        if ev.key in labelled:
+            labelled[ev.key] += ev.cpu_time_total / 1e3 / n
             continue
         self_ms = ev.self_cpu_time_total / 1e3 / n
         if any(op in ev.key for op in ATTENTION_OPS):
             buckets["attention_ms"] += self_ms
         elif ev.key in MATMUL_OPS or "pack_mm" in ev.key:
             buckets["matmul_ms"] += self_ms
-    buckets["dequantize_ms"] = dequant_total
+    buckets["dequantize_ms"] = labelled[DEQUANT_LABEL]
+    buckets["matmul_ms"] += labelled[INT8_LABEL]
     # profiler self times are summed over threads of one op, so shares are of the ops' total
-    ops_total = sum(ev.self_cpu_time_total for ev in averages if ev.key != DEQUANT_LABEL) / 1e3 / n
-    buckets["other_ms"] = max(0.0, ops_total - buckets["attention_ms"] - buckets["matmul_ms"] - dequant_total)
+    ops_total = sum(ev.self_cpu_time_total for ev in averages if ev.key not in labelled) / 1e3 / n
+    buckets["other_ms"] = max(0.0, ops_total - sum(buckets.values()))
     shares = {k.replace("_ms", "_share"): (v / ops_total if ops_total else 0.0) for k, v in buckets.items()}
     return {"wall_ms": wall_ms, **{k: round(v, 3) for k, v in buckets.items()}, **{k: round(v, 3) for k, v in shares.items()}}

@@ -7,6 +7,12 @@ int32 [M, N]``). Any per-channel weight of ≤ 8 bits fits (W8A8 and W4A8 alike)
 codes whose ``codes − zero`` leaves ``[−128, 127]`` are stored as ``codes − 128`` with the per-row
 correction ``(128 − zero)·s_w·Σ_k x_k``.
 
+The activation quantization (absmax, divide, round, cast: five passes over the input in eager
+mode) and the epilogue (cast, two scalings, cast back) cost more than the GEMM itself at
+prefill sizes; :func:`fused_int8_linear` compiles the whole call with ``torch.compile`` (dynamic
+in the number of rows, so one compile per weight shape serves every prompt length), so each of
+them is one pass, and falls back to the eager function, saying why, where it cannot compile.
+
 On CUDA ``_int_mm`` needs ``M > 16`` and ``K``, ``N`` multiples of 8: decode steps (``M = 1``) are
 padded to 17 rows. Weights the kernel cannot take (grouped scales) run as a dequantized linear
 with per-token fake-quantized inputs, reported as a fallback (``dequant-fp+fake-act``), never silently.
@@ -17,12 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quantcli.bench.kernels import LayerKernel, centred_int8, code_bits, dequantized_linear
+from quantcli.bench.kernels import INT8_LABEL, LayerKernel, centred_int8, code_bits, dequantized_linear
 from quantcli.quant.act import fake_quant_per_token, quantize_per_token_int8
 from quantcli.quant.affine import QuantizedWeight
 from quantcli.quant.spec import QuantSpec
 
 INT_MM = "aten._int_mm (int8 x int8 -> int32, per-token dynamic activations)"
+FORWARD_FUSED = "activation quantization and epilogue fused (torch.compile)"
+FORWARD_EAGER = "eager (activation quantization and epilogue op by op)"
 FALLBACK = "dequant-fp+fake-act"
 CUDA_MIN_ROWS = 17
 
@@ -53,6 +61,43 @@ def w8a8_unsupported(qw: QuantizedWeight, device: torch.device) -> str:
     return int_mm_available(device)
 
 
+def int8_linear(x: Tensor, weight_t: Tensor, w_scale: Tensor, row_offset: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``x: [M, K]`` (any float dtype) through the int8 GEMM: per-token symmetric int8 codes of
+    ``x``, ``_int_mm`` with ``weight_t: int8 [K, N]``, then ``· s_x · w_scale`` (``[N]``), plus the
+    8-bit asymmetric ``row_offset · Σ x̂`` and ``bias`` when given. Returns ``[M, N]`` in x's dtype."""
+    q, s_x = quantize_per_token_int8(x)
+    y = torch._int_mm(q, weight_t).float() * s_x * w_scale
+    if row_offset is not None:
+        y = y + (q.float() * s_x).sum(dim=1, keepdim=True) * row_offset
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+_FUSED: dict[str, tuple] = {}  # device type → (forward, how)
+
+
+def fused_int8_linear(device: torch.device) -> tuple:
+    """``(forward, how)``: :func:`int8_linear` compiled by ``torch.compile`` (dynamic rows), checked
+    once per process and device type against the eager function on a probe (codes equal, outputs
+    within float rounding), or the eager function with ``how`` saying why not."""
+    device = torch.device(device)
+    if device.type not in _FUSED:
+        compiled = torch.compile(int8_linear, dynamic=True)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(CUDA_MIN_ROWS + 15, 64, generator=gen).to(device, torch.bfloat16)
+        args = (torch.randint(-127, 128, (64, 32), dtype=torch.int8, generator=gen).to(device), torch.rand(32, generator=gen).to(device))
+        extras = (torch.randn(32, generator=gen).to(device), torch.randn(32, generator=gen).to(device))
+        try:
+            same = all(torch.allclose(compiled(x, *args, *e).float(), int8_linear(x, *args, *e).float(), rtol=1e-2, atol=1e-2)
+                       for e in ((None, None), extras))
+        except Exception as err:  # inductor reports a missing compiler etc. with many exception types
+            _FUSED[device.type] = (int8_linear, f"{FORWARD_EAGER}; torch.compile failed: {(str(err).splitlines() or [type(err).__name__])[0][:200]}")
+        else:
+            _FUSED[device.type] = (compiled, FORWARD_FUSED) if same else (int8_linear, f"{FORWARD_EAGER}; the compiled call differed")
+    return _FUSED[device.type]
+
+
 class Int8DynamicLinear(nn.Module):
     """``y ≈ x @ wᵀ + b`` through an int8 GEMM with per-token dynamic activation quantization.
 
@@ -68,6 +113,7 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("row_offset", row_offset)
         self.register_buffer("bias", bias)
         self.kernel = INT_MM
+        self.forward_int8, self.forward_how = fused_int8_linear(weight_t.device)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, device: torch.device) -> "Int8DynamicLinear":
@@ -82,16 +128,11 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        q, s_x = quantize_per_token_int8(x2)
-        if x2.device.type == "cuda" and rows < CUDA_MIN_ROWS:
-            q = torch.nn.functional.pad(q, (0, 0, 0, CUDA_MIN_ROWS - rows))
-        acc = torch._int_mm(q, self.weight_t)[:rows]
-        y = acc.float() * s_x * self.w_scale
-        if self.row_offset is not None:
-            y = y + (q[:rows].float() * s_x).sum(dim=1, keepdim=True) * self.row_offset
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if x2.device.type == "cuda" and rows < CUDA_MIN_ROWS:  # zero rows quantize to zero codes
+            x2 = torch.nn.functional.pad(x2, (0, 0, 0, CUDA_MIN_ROWS - rows))
+        with torch.profiler.record_function(INT8_LABEL):  # profiled as the linear's time (bench --profile-steps)
+            y = self.forward_int8(x2, self.weight_t, self.w_scale, self.row_offset, self.bias)[:rows]
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
