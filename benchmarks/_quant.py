@@ -9,6 +9,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+AUSTEN = ROOT.parent / "shared" / "data" / "austen"
+
+
+def add_protocol_args(ap, name: str, nsamples: int, calib_seqlen: int, windows: int = 16, seqlen: int = 512) -> None:
+    """The options every perplexity benchmark shares: the model, the calibration text and size,
+    the evaluation text and windows, and where the work and the results file go (``name``)."""
+    ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--calib-text", default=str(AUSTEN / "emma.txt"))
+    ap.add_argument("--eval-text", default=str(AUSTEN / "prideprejudice.txt"))
+    ap.add_argument("--nsamples", type=int, default=nsamples)
+    ap.add_argument("--calib-seqlen", type=int, default=calib_seqlen)
+    ap.add_argument("--seqlen", type=int, default=seqlen, help="evaluation window length")
+    ap.add_argument("--windows", type=int, default=windows)
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work" / name))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
 
 
 def rel(path: str | Path | None) -> str | None:

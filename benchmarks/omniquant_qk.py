@@ -20,25 +20,17 @@ import os
 import sys
 from pathlib import Path
 
-from _quant import rel, timed_quant
-from ppl_table import AUSTEN, ROOT, parse_spec
+from _quant import add_protocol_args, rel, timed_quant
+from ppl_table import parse_spec
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M)")
+    add_protocol_args(ap, "omniquant_qk", nsamples=4, calib_seqlen=256)
     ap.add_argument("--specs", default="w4a4g-1,w4a8g-1")
     ap.add_argument("--kv", default="4,8", help="KV-cache bits, comma-separated")
     ap.add_argument("--qk", default="off,on", help="q·kᵀ scale settings to run: off, on (stats init), ones (on, s = 1 start)")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--calib-text", default=str(AUSTEN / "emma.txt"))
-    ap.add_argument("--eval-text", default=str(AUSTEN / "prideprejudice.txt"))
-    ap.add_argument("--nsamples", type=int, default=4)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work" / "omniquant_qk"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "omniquant_qk.json"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and measure only the missing ones")
     args = ap.parse_args()
 

@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from _quant import rel, timed_quant
-from ppl_table import AUSTEN, ROOT, parse_spec
+from _quant import add_protocol_args, rel, timed_quant
+from ppl_table import parse_spec
 
 METHODS = "rtn,smooth+rtn,smooth+gptq,awq,omniquant,smooth+omniquant,awq+omniquant"
 
@@ -50,7 +50,7 @@ def row_key(method: str, label: str, kv: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M)")
+    add_protocol_args(ap, "wa_table", nsamples=4, calib_seqlen=256)
     ap.add_argument("--specs", default="w8a8g-1,w6a6g-1,w4a8g-1,w4a4g-1")
     ap.add_argument("--kv", default="off,on", help="off, on, or both (comma-separated)")
     ap.add_argument("--methods", default=METHODS)
@@ -58,14 +58,6 @@ def main() -> None:
     ap.add_argument("--w4a16-methods", default="awq,omniquant,smooth+omniquant,awq+omniquant")
     ap.add_argument("--epochs", type=int, default=2, help="OmniQuant epochs, alone and after a parent")
     ap.add_argument("--alpha", default="0.5", help="SmoothQuant strength")
-    ap.add_argument("--calib-text", default=str(AUSTEN / "emma.txt"))
-    ap.add_argument("--eval-text", default=str(AUSTEN / "prideprejudice.txt"))
-    ap.add_argument("--nsamples", type=int, default=4)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "work" / "wa_table"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wa_table.json"))
     ap.add_argument("--collect", action="store_true", help="only gather the finished rows into --out")
     args = ap.parse_args()
 
