@@ -13,6 +13,7 @@ from quantcli.models.stream import INDEX_FILE, StreamedModel, can_stream
 from quantcli.quant import QuantSpec
 
 DENSE = ["LlamaForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"]
+MOE = ["MixtralForCausalLM", "Qwen3MoeForCausalLM"]  # checkpoints store experts one by one (w1/w3/w2; gate/up/down_proj)
 
 
 def _save(arch, root, shard):
@@ -22,7 +23,7 @@ def _save(arch, root, shard):
     return out
 
 
-@pytest.mark.parametrize("arch", DENSE)
+@pytest.mark.parametrize("arch", DENSE + MOE)
 def test_streamed_layers_equal_eager(arch, tmp_path):
     sharded = _save(arch, tmp_path, shard=True)
     assert (sharded / INDEX_FILE).is_file() and len(list(sharded.glob("*.safetensors"))) > 1
@@ -81,10 +82,16 @@ def test_canonical_tensors_per_layer_invert_hf_layout(arch):
         assert torch.equal(got[key], ref[key]), key
 
 
-def test_moe_checkpoint_with_renamed_experts_is_not_streamed(tmp_path):
-    """Mixtral's checkpoint names experts w1/w2/w3: streaming refuses, the loader falls back to eager."""
-    assert not can_stream(_save("MixtralForCausalLM", tmp_path, True))
-    assert can_stream(_save("LlamaForCausalLM", tmp_path / "llama", True))
+def test_checkpoint_with_unknown_expert_names_is_not_streamed(tmp_path):
+    """Per-expert tensors under names the layout table does not know: streaming refuses (the
+    loader falls back to eager); the same checkpoint with Mixtral's own names streams."""
+    from safetensors.torch import load_file, save_file
+
+    single = _save("MixtralForCausalLM", tmp_path, False)
+    assert can_stream(single)
+    tensors = load_file(str(single / "model.safetensors"))
+    save_file({k.replace(".w1.", ".wx."): v for k, v in tensors.items()}, str(single / "model.safetensors"), metadata={"format": "pt"})
+    assert not can_stream(single)
 
 
 @pytest.mark.parametrize("stage", ["rtn", "awq"])

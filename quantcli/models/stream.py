@@ -7,10 +7,14 @@ checkpoint's dtype and cast to the compute dtype on the device) and released bac
 afterwards. Peak memory is one decoder layer, whatever the depth.
 
 A checkpoint is either one ``model.safetensors`` or shards listed in
-``model.safetensors.index.json`` (``weight_map``: tensor name → shard file). Checkpoints whose
-tensor names differ from the module names (transformers' load-time weight conversions, e.g.
-per-expert MoE checkpoints for fused expert modules) are not streamed: :func:`can_stream` says
-so and callers load them eagerly.
+``model.safetensors.index.json`` (``weight_map``: tensor name → shard file). Where the
+checkpoint's tensor names differ from the modules' (transformers converts them at load time),
+the differences this module knows are data, :data:`KEY_RENAMES` and :data:`EXPERT_LAYOUTS`: an
+older module name (Mixtral's ``block_sparse_moe`` for ``mlp``), and fused expert tensors
+(``experts.gate_up_proj: [E, 2I, H]``, ``experts.down_proj: [E, H, I]``) stored per expert
+(``experts.{e}.w1/w3/w2`` in Mixtral checkpoints, ``experts.{e}.gate_proj/up_proj/down_proj`` in
+Qwen-MoE-style ones), read one layer's experts at a time. A checkpoint with other differences is
+not streamed: :func:`can_stream` says so and callers load it eagerly.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from quantcli.models.canonical import canonical_tensors, canonicalize, hf_keys
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
+# a module path fragment → the name older checkpoints store it under
+KEY_RENAMES = ((".mlp.", ".block_sparse_moe."),)
+# per-expert names of a fused experts module's (gate, up, down) weights, as checkpoints store them
+EXPERT_LAYOUTS = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+
 
 class ShardIndex:
     """Tensor name → shard file of a safetensors checkpoint; reads one tensor at a time."""
@@ -49,16 +59,47 @@ class ShardIndex:
         self._handles: dict[str, object] = {}
 
     def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
+        return self._source(key) is not None
+
+    def _source(self, key: str) -> tuple[str, ...] | tuple[str, tuple[str, ...], int] | None:
+        """Where tensor ``key`` of the module tree lives: ``("direct", name)``, or ``("experts",
+        per-expert name template, expert count)`` for a fused experts tensor stored per expert
+        (see the module docstring), or None when the checkpoint does not hold it."""
+        names = [key] + [key.replace(new, old) for new, old in KEY_RENAMES if new in key]
+        for name in names:
+            if name in self.weight_map:
+                return ("direct", name)
+        for fused in FUSED_EXPERTS:
+            if not key.endswith(fused):
+                continue
+            for name in names:
+                base = name[: -len("gate_up_proj") if fused.endswith("gate_up_proj") else -len("down_proj")]
+                for gate, up, down in EXPERT_LAYOUTS:
+                    parts = (gate, up) if fused.endswith("gate_up_proj") else (down,)
+                    templates = tuple(f"{base}{{e}}.{part}.weight" for part in parts)
+                    count = 0
+                    while all(t.format(e=count) in self.weight_map for t in templates):
+                        count += 1
+                    if count:
+                        return ("experts", templates, count)
+        return None
 
     def get(self, key: str) -> Tensor:
-        """Tensor ``key`` on the CPU in the checkpoint's dtype."""
-        if key not in self.weight_map:
+        """Tensor ``key`` on the CPU in the checkpoint's dtype (a fused experts tensor stacked from
+        its per-expert tensors, gate before up)."""
+        source = self._source(key)
+        if source is None:
             raise InputError(f"{self.dir}: the checkpoint has no tensor {key}; is it complete?")
-        file = self.weight_map[key]
+        if source[0] == "direct":
+            return self._tensor(source[1])
+        _, templates, count = source
+        return torch.stack([torch.cat([self._tensor(t.format(e=e)) for t in templates]) for e in range(count)])
+
+    def _tensor(self, name: str) -> Tensor:
+        file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.dir / file), "pt")
-        return self._handles[file].get_tensor(key)
+        return self._handles[file].get_tensor(name)
 
     def close(self) -> None:
         """Unmap the shards: pages read through a mapping count in the process's RSS until then."""
