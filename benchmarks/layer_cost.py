@@ -41,7 +41,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "layer_cost.json"
 PHASES = [
     ("quantcli.algos.gptq", "capture_hessians", "capture forwards"),
     ("quantcli.algos.gptq", "accumulate_hessian", "hessian accumulation"),
-    ("quantcli.algos.gptq", "damp_and_invert", "factorisation"),
+    ("quantcli.algos.gptq", "damp_and_factor", "factorisation"),
     ("quantcli.algos.gptq", "gptq_quantize", "column loop"),
     ("quantcli.algos.gptq", "hessian_error", "error metrics"),
     ("quantcli.algos.gptq", "rtn_error_estimate", "error metrics"),

@@ -13,7 +13,7 @@ from quantcli.algos.gptq import (
     GPTQ,
     GPTQParams,
     accumulate_hessian,
-    damp_and_invert,
+    damp_and_factor,
     gptq_quantize,
     hessian_error,
     make_hessian,
@@ -160,8 +160,8 @@ def test_dead_columns_are_rounded_to_nearest(problem):
 def test_indefinite_hessian_retries_with_more_damping():
     n = 64
     H = torch.eye(n) + 2 * (torch.ones(n, n) - torch.eye(n))  # smallest eigenvalue -1, mean diagonal 1
-    U, damp = damp_and_invert(H, 0.01)
-    assert U is not None and damp == pytest.approx(10.0)
+    R, damp = damp_and_factor(H, 0.01)
+    assert R is not None and damp == pytest.approx(10.0)
     out = gptq_quantize(torch.randn(8, n), H, SPEC, GPTQParams())
     assert out.fallback is None and out.damp == pytest.approx(10.0)
 
@@ -298,9 +298,9 @@ def _old_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, floa
     return None, rel
 
 
-def test_reversed_cholesky_factor_equals_the_old_one(problem):
-    # catches: a wrong reversal (lower instead of upper, the factor of H instead of H⁻¹), a broken
-    # triangular inverse by halves (n = 1100 recurses twice), lost dead-column or damping handling
+def test_reversed_cholesky_factor_is_the_inverse_of_the_old_one(problem):
+    # catches: a wrong reversal (lower instead of upper, L instead of J L J, whose inverse is not
+    # the old factor), lost dead-column or damping handling
     _, _, H = problem
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(3000, 1100, generator=gen) * torch.linspace(0.1, 3.0, 1100)
@@ -309,10 +309,11 @@ def test_reversed_cholesky_factor_equals_the_old_one(problem):
     n = 64
     retry = 1.03 * torch.ones(n, n) - 0.03 * torch.eye(n)  # smallest eigenvalue −0.03: fails at 0.01, factors at 0.1
     for matrix, damp in [(H, 0.01), (big, 0.01), (retry, 0.1)]:
-        U, used = damp_and_invert(matrix, 0.01)
+        R, used = damp_and_factor(matrix, 0.01)
         U_old, used_old = _old_factor(matrix, 0.01)
         assert used == used_old == pytest.approx(damp)
-        assert torch.equal(U, U.triu())
+        assert torch.equal(R, R.triu())
+        U = torch.linalg.solve_triangular(R.double(), torch.eye(R.shape[0], dtype=torch.float64), upper=True).float()
         torch.testing.assert_close(U, U_old, rtol=1e-4, atol=1e-4 * float(U_old.abs().max()))
 
 

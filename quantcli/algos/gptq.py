@@ -6,7 +6,9 @@ Objective, per linear with weight ``W: [out, in]`` and calibration inputs ``X: [
 
 GPTQ (Frantar et al., ICLR 2023) visits the columns in a fixed order. After rounding column ``i``
 it moves the not-yet-rounded columns by the optimal (Optimal Brain Surgeon) correction for that
-column's error, read off row ``i`` of ``U``, the upper Cholesky factor of ``H⁻¹``. Corrections are
+column's error, read off row ``i`` of ``U``, the upper Cholesky factor of ``H⁻¹`` — here in the
+equivalent form that needs only ``R = U⁻¹`` (``H = R Rᵀ``, one Cholesky factorisation, no
+inverse): column ``j`` moves by ``Σ_{k<j} (w_k − q_k) R[k, j] / R[j, j]``. Corrections are
 applied lazily, which changes the arithmetic order only: immediately (rank 1) inside a sub-block
 of ``INNER_BLOCK`` columns, to the rest of its block once per sub-block, and to the rest of the
 matrix once per block of ``block_size`` columns. The weight is held transposed, so every update
@@ -141,18 +143,18 @@ def rtn_error_estimate(W: Tensor, H: Tensor, spec: QuantSpec, clip: Tensor | Non
     return float(diag.sum()) * exact / part if part > 0 else exact * out / rows
 
 
-def damp_and_invert(H: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tuple[Tensor | None, float]:
-    """Upper Cholesky factor ``U: [in, in]`` of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``.
+def damp_and_factor(H: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tuple[Tensor | None, float]:
+    """Upper triangular ``R: [in, in]`` with ``H + λ I = R Rᵀ``, ``λ = damp · mean(diag H)``:
+    ``U = R⁻¹`` is the upper Cholesky factor of ``(H + λ I)⁻¹`` that GPTQ's corrections are read
+    from, and :func:`gptq_quantize` uses ``R`` itself, so no inverse is ever formed.
 
-    One Cholesky factorisation of the index-reversed matrix and one triangular inverse: with
-    ``J`` the reversal, ``J H J = L Lᵀ`` gives ``H = R Rᵀ`` with ``R = J L J`` upper triangular,
-    so ``H⁻¹ = Uᵀ U`` with ``U = R⁻¹`` upper triangular, positive on the diagonal: the factor.
-    Dead columns (zero diagonal: inputs that were always zero) get 1 on the diagonal, so they are
-    rounded to nearest without touching the others. When a factorisation fails the damping is
-    multiplied by 10, up to ``retries`` times (a factorisation whose smallest pivot² is below
-    ``λ / 2`` fails too: that cannot happen for a positive semi-definite ``H``). Returns ``(U, damp used)``, or ``(None, last damp
-    tried)`` when ``H`` cannot be factored (non-finite, non-positive diagonal, every retry failed).
-    ``H`` is not modified.
+    One Cholesky factorisation of the index-reversed matrix: with ``J`` the reversal,
+    ``J H J = L Lᵀ`` gives ``R = J L J``. Dead columns (zero diagonal: inputs that were always
+    zero) get 1 on the diagonal, so they are rounded to nearest without touching the others. When
+    a factorisation fails the damping is multiplied by 10, up to ``retries`` times (a factorisation
+    whose smallest pivot² is below ``λ / 2`` fails too: that cannot happen for a positive
+    semi-definite ``H``). Returns ``(R, damp used)``, or ``(None, last damp tried)`` when ``H``
+    cannot be factored (non-finite, non-positive diagonal, every retry failed). ``H`` is not modified.
     """
     H = H.float().clone()
     diag = H.diagonal()
@@ -168,30 +170,10 @@ def damp_and_invert(H: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tupl
         damped.diagonal().add_(rel * mean)
         L, info = torch.linalg.cholesky_ex(damped)
         # H positive semi-definite ⇒ every pivot² ≥ λ_min(H + λ I) ≥ λ; a smaller one means H is
-        # indefinite beyond rounding (its inverse would not be factorable either): damp more
-        if info == 0 and L.diagonal().min() ** 2 >= 0.5 * rel * mean:
-            U = upper_triangular_inverse(L.flip(0, 1))
-            if torch.isfinite(U).all():
-                return U, rel
+        # indefinite beyond rounding: damp more
+        if info == 0 and L.diagonal().min() ** 2 >= 0.5 * rel * mean and torch.isfinite(L).all():
+            return L.flip(0, 1), rel
     return None, rel
-
-
-def upper_triangular_inverse(R: Tensor, leaf: int = 512) -> Tensor:
-    """``R⁻¹`` of an upper triangular ``R: [n, n]`` (upper triangular too), by halves:
-    ``[[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹ B C⁻¹], [0, C⁻¹]]`` — about ``n³ / 3`` multiply-adds, as a
-    dedicated triangular inverse, where one triangular solve against the identity costs ``n³``."""
-    n = R.shape[0]
-    if n <= leaf:
-        eye = torch.eye(n, dtype=R.dtype, device=R.device)
-        return torch.linalg.solve_triangular(R, eye, upper=True)
-    h = n // 2
-    out = torch.zeros_like(R)
-    A_inv = out[:h, :h]
-    A_inv.copy_(upper_triangular_inverse(R[:h, :h], leaf))
-    C_inv = upper_triangular_inverse(R[h:, h:], leaf)
-    out[h:, h:] = C_inv
-    out[:h, h:] = -(A_inv @ R[:h, h:]) @ C_inv
-    return out
 
 
 def _hessian_problem(H: Tensor) -> str | None:
@@ -230,7 +212,7 @@ def _blocks(n: int, group: int, block: int):
 
 
 def _mean_diag(H: Tensor) -> Tensor:
-    """``mean(diag H)`` with dead columns counted as 1, as :func:`damp_and_invert` damps."""
+    """``mean(diag H)`` with dead columns counted as 1, as :func:`damp_and_factor` damps."""
     diag = H.diagonal().float()
     return torch.where(diag == 0, torch.ones_like(diag), diag).mean()
 
@@ -256,8 +238,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     if (problem := _hessian_problem(H)) is not None:
         return rtn_fallback(W, H, spec, clip, problem)
     perm = torch.argsort(H.diagonal(), descending=True) if params.act_order else torch.arange(n, device=W.device)
-    U, damp = damp_and_invert(H[perm][:, perm], params.damp)
-    if U is None:
+    R, damp = damp_and_factor(H[perm][:, perm], params.damp)
+    if R is None:
         return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}")
 
     # the weight transposed, in visiting order: each column is a contiguous row of WT, and every
@@ -274,10 +256,18 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
         zero = torch.empty_like(scale)
         group_of = [i // group for i in range(n)]  # groups form in visiting order
 
+    # With H_d = R Rᵀ and U = R⁻¹, the rounding errors D = W − Q and GPTQ's scaled errors E obey
+    # D = E U, i.e. E = D R: column j, once its earlier columns are rounded, is corrected to
+    # w̃_j = w_j + Σ_{k<j} d_k R[k, j] / R[j, j] and scaled as e_j = (w̃_j − q_j) · R[j, j]. The
+    # corrections therefore come from R scaled column-wise (Rn) and the errors d, no inverse needed.
+    diag_r = R.diagonal()
+    Rn = R / diag_r  # Rn[k, j] = R[k, j] / R[j, j]
+    diag_r = diag_r.tolist()
     squared = torch.zeros(out_features, dtype=torch.float64, device=W.device)  # ‖E‖² per row
-    diag_u = U.diagonal().tolist()
     for i1, i2 in _blocks(n, group, params.block_size):
-        errors_t = torch.empty(i2 - i1, out_features, device=W.device)  # scaled errors of the block's columns
+        original = W.index_select(1, perm[i1:i2]).T.contiguous()  # the block's columns before any correction [B, out]
+        diffs_t = torch.empty(i2 - i1, out_features, device=W.device)  # d = w − q of the block's columns
+        errors_t = torch.empty_like(diffs_t)  # e = (w̃ − q) · R[j, j], for the error metric
         for j1, j2 in _blocks(i2 - i1, group, INNER_BLOCK):  # two-level lazy updates: rank-1 inside a sub-block
             j1, j2 = j1 + i1, j2 + i1
             for i in range(j1, j2):
@@ -292,14 +282,15 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
                 w = WT[i]
                 q = quantize_affine(w, s, z, spec.wbits)
                 codes_t[i] = q
-                e = errors_t[i - i1]
-                torch.sub(w, dequantize_affine(q, s, z), out=e).div_(diag_u[i])
+                dq = dequantize_affine(q, s, z)
+                torch.sub(w, dq, out=errors_t[i - i1]).mul_(diag_r[i])
+                d = torch.sub(original[i - i1], dq, out=diffs_t[i - i1])
                 if i + 1 < j2:
-                    WT[i + 1 : j2].addr_(U[i, i + 1 : j2], e, alpha=-1)
+                    WT[i + 1 : j2].addr_(Rn[i, i + 1 : j2], d)
             if j2 < i2:
-                WT[j2:i2].addmm_(U[j1:j2, j2:i2].T, errors_t[j1 - i1 : j2 - i1], alpha=-1)
+                WT[j2:i2].addmm_(Rn[j1:j2, j2:i2].T, diffs_t[j1 - i1 : j2 - i1])
         squared += errors_t.double().pow(2).sum(dim=0)
-        WT[i2:].addmm_(U[i1:i2, i2:].T, errors_t, alpha=-1)
+        WT[i2:].addmm_(Rn[i1:i2, i2:].T, diffs_t)
 
     inverse = torch.argsort(perm)
     g_idx = torch.tensor(group_of, dtype=torch.int32, device=W.device)[inverse] if permuted_groups else None
