@@ -148,3 +148,23 @@ def test_spec_refuses_bad_values(bad):
 def test_group_must_divide_input_dim():
     with pytest.raises(SpecError, match="does not divide the input dimension 576"):
         QuantSpec(4, 128).check_divides(576, "q_proj")
+
+
+def test_contiguous_groups_broadcast_like_an_explicit_group_map():
+    """quantize/dequantize/fake_quantize broadcast each (row, group) parameter over its columns;
+    the explicit map g_idx = column // group gathers them per column: identical results. Catches a
+    broadcast along the wrong axis or a reshape that mixes rows and groups; dequantize must not
+    change the codes it is given (it works in place on its own copy)."""
+    from quantcli.quant.affine import compute_qparams, dequantize, fake_quantize, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 96, generator=gen) * torch.linspace(0.1, 4, 24)[:, None]
+    scale, zero = compute_qparams(w, 3, 32, False)
+    g_idx = torch.arange(96) // 32
+    codes = quantize(w, scale, zero, 3, 32)
+    assert torch.equal(codes, quantize(w, scale, zero, 3, 32, g_idx))
+    assert torch.equal(dequantize(codes, scale, zero, 32), dequantize(codes, scale, zero, 32, g_idx))
+    assert torch.equal(fake_quantize(w, scale, zero, 3, 32), dequantize(codes, scale, zero, 32))
+    as_float = codes.float()
+    dequantize(as_float, scale, zero, 32)
+    assert torch.equal(as_float, codes.float())

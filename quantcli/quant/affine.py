@@ -126,18 +126,33 @@ def _expand(param: Tensor, group: int, g_idx: Tensor | None) -> Tensor:
     return param.repeat_interleave(group, dim=1)
 
 
+def _per_group(fn, x: Tensor, scale: Tensor, zero: Tensor, group: int, g_idx: Tensor | None) -> Tensor:
+    """``fn(x, scale, zero)`` elementwise with each ``(row, group)`` parameter applied to its columns:
+    contiguous groups broadcast over ``grouped(x)`` (no ``[out, in]`` copies of the parameters),
+    a ``g_idx`` map gathers them per column. Same arithmetic per element either way."""
+    if g_idx is not None:
+        return fn(x, _expand(scale, group, g_idx), _expand(zero, group, g_idx))
+    return fn(grouped(x, group), scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(x.shape)
+
+
 def quantize(
     w: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int, g_idx: Tensor | None = None
 ) -> Tensor:
     """Codes ``uint8 [out, in]``: ``clamp(round(w / scale) + zero, 0, 2**bits - 1)``."""
-    return quantize_affine(w.float(), _expand(scale, group, g_idx), _expand(zero, group, g_idx), bits).to(torch.uint8)
+    def codes(x: Tensor, s: Tensor, z: Tensor) -> Tensor:  # quantize_affine's arithmetic, in place on one buffer
+        return torch.div(x, s).round_().add_(z).clamp_(0, 2**bits - 1)
+
+    return _per_group(codes, w.float(), scale, zero, group, g_idx).to(torch.uint8)
 
 
 def dequantize(
     codes: Tensor, scale: Tensor, zero: Tensor, group: int, g_idx: Tensor | None = None
 ) -> Tensor:
     """Weights ``float32 [out, in]``: ``(codes - zero) * scale``."""
-    return dequantize_affine(codes.float(), _expand(scale.float(), group, g_idx), _expand(zero.float(), group, g_idx))
+    def weights(q: Tensor, s: Tensor, z: Tensor) -> Tensor:  # dequantize_affine's arithmetic, in place on one buffer
+        return q.to(torch.float32, copy=True).sub_(z).mul_(s)
+
+    return _per_group(weights, codes, scale.float(), zero.float(), group, g_idx)
 
 
 def quantize_weight(w: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> QuantizedWeight:
@@ -156,8 +171,7 @@ def fake_quantize(
     Gradients flow to ``w`` (identity inside the clamp range) and to ``scale`` and ``zero``, as
     learnable weight clipping needs.
     """
-    s, z = _expand(scale, group, None), _expand(zero, group, None)
-    return dequantize_affine(quantize_affine(w, s, z, bits, ste), s, z)
+    return _per_group(lambda x, s, z: dequantize_affine(quantize_affine(x, s, z, bits, ste), s, z), w, scale, zero, group, None)
 
 
 def fake_quantize_activation(x: Tensor, bits: int, sym: bool = False) -> Tensor:
