@@ -242,8 +242,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     if R is None:
         return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}")
 
-    # the weight transposed, in visiting order: each column is a contiguous row of WT, and every
-    # correction below touches whole contiguous rows (the rank-1 updates were strided slices before)
+    # the weight transposed, in visiting order: each column is a contiguous row of WT, so every
+    # correction below writes whole contiguous rows, never strided column slices
     WT = W.T[perm].contiguous()  # [in, out]
     codes_t = torch.empty(n, out_features, dtype=torch.uint8, device=W.device)
     if params.static_groups:
