@@ -59,8 +59,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="OmniQuant epochs, alone and after a parent")
     ap.add_argument("--alpha", default="0.5", help="SmoothQuant strength")
     ap.add_argument("--collect", action="store_true", help="only gather the finished rows into --out")
+    ap.add_argument("--markdown", action="store_true", help="print the table from --out as Markdown (perplexity; CPU seconds) and exit")
     args = ap.parse_args()
 
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())["rows"]))
+        return
     work = Path(args.work)
     rows_dir = work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +131,32 @@ def run_row(method: str, label: str, kv: int, model: list[str], calib: Path, eva
            "load_avg_end": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "commands": commands}
     path.write_text(json.dumps(row, indent=2) + "\n")
     print(f"{method:>18} {label:>8} kv{kv:<2} ppl {ppl:9.3f}  quant {seconds:6.0f} s", file=sys.stderr, flush=True)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Markdown: method × (W-A spec, KV width) perplexities with each method's median wall seconds
+    over its rows (the whole chain, a reused prefix counted by its recorded time), and the W4A16
+    comparison."""
+    def label(spec: str, kv: int) -> str:
+        return spec.split("g")[0].upper() + (f" kv{kv}" if kv < 16 else "")
+
+    wa = [r for r in rows if "a" in r["spec"].split("g")[0]]
+    cols = sorted({(r["spec"], r["kv_bits"]) for r in wa}, key=lambda c: (-int(c[0][1]), -int(c[0].split("a")[1].split("g")[0]), -c[1]))
+    cells = {(r["method"], r["spec"], r["kv_bits"]): r for r in wa}
+    fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
+    lines = [f"fp: {fp:.2f}" if fp else "", "", "| method | " + " | ".join(label(*c) for c in cols) + " | median s |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for method in METHODS.split(","):
+        row = [cells.get((method, *c)) for c in cols]
+        done = sorted(r["quant_seconds"] for r in row if r)
+        if done:
+            lines.append(f"| {method.replace('+', ' → ')} | " + " | ".join(f"{r['ppl']:.2f}" if r else "–" for r in row)
+                         + f" | {done[len(done) // 2]:.0f} |")
+    w4 = [r for r in rows if r["spec"] != "-" and "a" not in r["spec"].split("g")[0]]
+    if w4:
+        lines += ["", f"| W4A16 ({w4[0]['spec']}) | ppl | s |", "|---|---|---|"]
+        lines += [f"| {r['method'].replace('+', ' → ')} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} |" for r in w4]
+    return "\n".join(lines)
 
 
 def _children_cpu() -> float:
