@@ -198,6 +198,18 @@ def unpack_cpu_int4pack(packed: Tensor, scale: Tensor, shift: Tensor, group: int
     return torch.addcmul(shift[:, None, :], q.to(KERNEL_DTYPE), scale[:, None, :]).view(k, n)
 
 
+def checked_compile(fn: Callable, dynamic: bool, agrees: Callable[[Callable], bool]) -> tuple[Callable, str]:
+    """``(torch.compile(fn), "")`` when the compiled function runs and ``agrees(compiled)`` holds on
+    the caller's probe, else ``(fn, why not)``: no C++ compiler, an unsupported build, or a
+    compiled result that differs from the eager one."""
+    compiled = torch.compile(fn, dynamic=dynamic)
+    try:
+        same = agrees(compiled)
+    except Exception as err:  # inductor reports a missing compiler etc. with many exception types
+        return fn, f"torch.compile failed: {(str(err).splitlines() or [type(err).__name__])[0][:200]}"
+    return (compiled, "") if same else (fn, "the compiled call differed from the eager one")
+
+
 _FUSED: dict[str, object] = {}  # "fn": the unpacker in use, "how": what it is (for the report)
 
 
@@ -208,21 +220,14 @@ def fused_unpacker() -> tuple[Callable[..., Tensor], str]:
     cannot compile (no C++ compiler, an unsupported build), the eager five-pass version, with
     ``how`` saying which and why. Decided once per process, on a small probe weight."""
     if "fn" not in _FUSED:
-        # static shapes: one compile per weight shape (dynamic shapes compiled 20× slower code)
-        compiled = torch.compile(unpack_cpu_int4pack, dynamic=False)
         gen = torch.Generator().manual_seed(0)
         packed = torch.randint(0, 256, (64, 32), dtype=torch.uint8, generator=gen)
         scale = torch.rand(1, 64, generator=gen).to(KERNEL_DTYPE)
         shift = torch.randn(1, 64, generator=gen).to(KERNEL_DTYPE)
-        try:
-            same = torch.equal(compiled(packed, scale, shift, 64), unpack_cpu_int4pack(packed, scale, shift, 64))
-        except Exception as err:  # inductor reports a missing compiler etc. with many exception types
-            _FUSED.update(fn=unpack_cpu_int4pack, how=f"{UNPACK_EAGER} (torch.compile failed: {(str(err).splitlines() or [type(err).__name__])[0][:200]})")
-        else:
-            if same:
-                _FUSED.update(fn=compiled, how=UNPACK_FUSED)
-            else:
-                _FUSED.update(fn=unpack_cpu_int4pack, how=f"{UNPACK_EAGER} (compiled unpacker differed from the eager one)")
+        # static shapes: one compile per weight shape (dynamic shapes compiled 20× slower code)
+        fn, why = checked_compile(unpack_cpu_int4pack, False, lambda compiled: torch.equal(
+            compiled(packed, scale, shift, 64), unpack_cpu_int4pack(packed, scale, shift, 64)))
+        _FUSED.update(fn=fn, how=f"{UNPACK_EAGER} ({why})" if why else UNPACK_FUSED)
     return _FUSED["fn"], _FUSED["how"]
 
 
