@@ -73,9 +73,9 @@ class ShardIndex:
             if not key.endswith(fused):
                 continue
             for name in names:
-                base = name[: -len("gate_up_proj") if fused.endswith("gate_up_proj") else -len("down_proj")]
+                base = name.rsplit(".", 1)[0] + "."  # "….experts."
                 for gate, up, down in EXPERT_LAYOUTS:
-                    parts = (gate, up) if fused.endswith("gate_up_proj") else (down,)
+                    parts = (gate, up) if fused == FUSED_EXPERTS[0] else (down,)
                     templates = tuple(f"{base}{{e}}.{part}.weight" for part in parts)
                     count = 0
                     while all(t.format(e=count) in self.weight_map for t in templates):
