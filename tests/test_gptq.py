@@ -367,6 +367,51 @@ def test_shared_hessian_gives_the_codes_of_per_linear_hessians():
     assert set(result.quantized) == {n for stage in ctx.linears() for n in stage}
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_captures_replay_the_quantized_stages_instead_of_recomputing(offload, tmp_path, monkeypatch):
+    # catches: captures that recompute the earlier stages anyway (the call counts), and a replay
+    # that returns stale or foreign outputs (full-precision ones recorded before the codes were
+    # written, another mini-batch's: 5 samples in mini-batches of 2, the last one short), which
+    # change the codes against the recomputing reference of the test above
+    import torch.nn.functional as F
+
+    from quantcli.algos.driver import ActivationStore, layer_step
+
+    model, ctx, boundary, _ = _tiny_layer_ctx()
+    layer = ctx.module
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    acts = ActivationStore(tmp_path if offload else None)
+    computed: dict[int, int] = {}
+    linear = F.linear
+
+    def counting(x, weight, bias=None):
+        computed[id(weight)] = computed.get(id(weight), 0) + 1
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", counting)
+    result, _, _, _ = layer_step(GPTQ(), layer, boundary, ctx.kwargs, SPEC, ctx.arch, ctx.device, ctx.batch, acts, {})
+    monkeypatch.undo()
+    batches = 3
+    runs = {name: computed.get(id(layer.get_submodule(name).weight), 0) for stage in ctx.linears() for name in stage}
+    # per mini-batch: the targets and the propagation forward run every linear; the captures run
+    # each stage once after it was quantized (q/k/v in o_proj's capture, o_proj in gate/up's,
+    # gate/up in down_proj's) and replay it later; a stage's own capture never computes it
+    # (without that, gate_proj would run before up_proj's input ends the capture)
+    b = batches
+    assert runs == {"self_attn.q_proj": 3 * b, "self_attn.k_proj": 3 * b, "self_attn.v_proj": 3 * b,
+                    "self_attn.o_proj": 3 * b, "mlp.gate_proj": 3 * b, "mlp.up_proj": 3 * b, "mlp.down_proj": 2 * b}, runs
+
+    layer.load_state_dict(original)
+    for stage in ctx.linears():  # the reference: every capture recomputes the whole layer up to the stage
+        xs = _inputs_of(layer, stage, lambda: ctx.forward())
+        for name in stage:
+            H = 2 / xs[name].shape[0] * xs[name].T @ xs[name]
+            ref = gptq_quantize(layer.get_submodule(name).weight.data, H, SPEC, GPTQParams())
+            assert torch.equal(result.quantized[name].codes, ref.weight.codes), name
+        for name in stage:
+            layer.get_submodule(name).weight.data.copy_(result.quantized[name].dequantize())
+
+
 def test_observed_stage1_hessian_equals_a_captured_one():
     # catches: observe recording another linear's input (o_proj, the MLP), folding q/k/v's input
     # three times, or missing mini-batches of the targets forward

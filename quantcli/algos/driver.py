@@ -63,6 +63,7 @@ class LayerContext:
     upstream: dict[str, Tensor] = field(default_factory=dict)
     report: Callable[..., None] = lambda **_: None
     seen: dict = field(default_factory=dict)  # what the algorithm's ``observe`` recorded during the targets forward
+    acts: "ActivationStore" = field(default_factory=lambda: ActivationStore())  # where per-token tensors the algorithm keeps go
 
     def linears(self) -> list[list[str]]:
         """The layer's linears to quantize, in true-sequential stages."""
@@ -158,12 +159,14 @@ class ActivationStore:
         if directory is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
 
-    def empty(self, shape: torch.Size) -> Tensor:
+    def empty(self, shape: torch.Size, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised tensor of ``shape`` in the store (in the store's dtype unless ``dtype``)."""
+        dtype = dtype or self.dtype
         if self.directory is None:
-            return torch.empty(shape, dtype=self.dtype)
+            return torch.empty(shape, dtype=dtype)
         path = Path(self.directory) / f"quantcli-stream-{os.getpid()}-{self._count}.bin"
         self._count += 1
-        tensor = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=self.dtype).view(shape)
+        tensor = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
         path.unlink()
         return tensor
 
@@ -330,7 +333,7 @@ def layer_step(
     observe = getattr(algo, "observe", None)
     with nullcontext({}) if data_free or observe is None else observe(layer) as seen:
         targets = None if data_free else layer_forward(layer, fp_in, kwargs, device, batch, acts.empty(fp_in.shape))
-    ctx = LayerContext(index, name, layer, inputs, targets, kwargs, device, spec, arch, batch, upstream, report=report, seen=seen)
+    ctx = LayerContext(index, name, layer, inputs, targets, kwargs, device, spec, arch, batch, upstream, report=report, seen=seen, acts=acts)
     layer_result = algo.run_layer(ctx)
     for rel, value in layer_result.overrides.items():
         layer.get_parameter(rel).data.copy_(value.to(device))

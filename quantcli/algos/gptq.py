@@ -24,13 +24,14 @@ writes contiguous rows.
 * AWQ clip ratios ``clip: [out, in // group]`` shrink each group's range before its scale is set.
 
 The functions here are pure tensor math; :class:`GPTQ` is the thin per-layer wrapper the
-block-wise driver runs (true-sequential capture of each linear's inputs; every RTN fallback and
-raised damping listed under the layer's ``fallbacks`` metric).
+block-wise driver runs (true-sequential capture of each linear's inputs, replaying the outputs
+of the stages already quantized instead of recomputing them; every RTN fallback and raised
+damping listed under the layer's ``fallbacks`` metric).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -368,26 +369,116 @@ class _HessianHooks:
         self.latest.clear()
 
 
+@contextmanager
+def _forwards_replaced(forwards: dict[nn.Module, object]):
+    """Within it, each module's ``forward`` is the given function (the module's hooks still run)."""
+    for module, forward in forwards.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in forwards:
+            del module.forward
+
+
+def _zeros_out(linear: nn.Module):
+    return lambda x, *_a, **_k: x.new_zeros(*x.shape[:-1], linear.out_features)
+
+
+class OutputReplay:
+    """The outputs of a layer's already-quantized dense linears over every calibration mini-batch,
+    recorded by one capture forward and returned by the later ones instead of recomputed.
+
+    Capture ``k`` runs the layer from its input up to stage ``k``'s linears, through every
+    earlier stage, whose weights no longer change: a mini-batch's outputs of those stages are the
+    same in every later capture. Recording each stage's outputs the first time they are computed
+    runs every linear once over the captures instead of once per later stage (Llama: q/k/v and
+    o_proj once instead of three and two times). The outputs ``[N, L, out]`` live in the
+    context's activation store (host memory, or files with ``--offload-activations``) in the
+    dtype they were computed in, so a replay is bit-identical to the recomputation. A linear
+    whose output is not one row per input token (a routed expert) is never recorded.
+    """
+
+    def __init__(self, ctx: LayerContext):
+        self.ctx = ctx
+        self.outputs: dict[str, Tensor] = {}  # name → [N, L, out], complete
+        self._partial: dict[str, Tensor] = {}  # recording in progress
+        self._batches: dict[str, int] = {}  # mini-batches recorded per name
+
+    @contextmanager
+    def batch(self, start: int, stop: int, record: list[str]):
+        """Within it, the recorded linears return their outputs of mini-batch ``[start, stop)``
+        without computing, and the linears ``record`` store theirs."""
+        module, device = self.ctx.module, self.ctx.device
+        replayed = {module.get_submodule(name): lambda *_a, out=out, **_k: out[start:stop].to(device, copy=True) for name, out in self.outputs.items()}
+        handles = [module.get_submodule(name).register_forward_hook(self._recorder(name, start, stop)) for name in record]
+        try:
+            with _forwards_replaced(replayed):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _recorder(self, name: str, start: int, stop: int):
+        def store(_module, _args, y):
+            if y.shape[0] != stop - start or self._partial.get(name, y).shape[1:] != y.shape[1:]:
+                self._batches[name] = -1  # not one output per input row: never replayed
+            elif self._batches.get(name, 0) >= 0:
+                if name not in self._partial:
+                    self._partial[name] = self.ctx.acts.empty((self.ctx.inputs.shape[0], *y.shape[1:]), y.dtype)
+                self._partial[name][start:stop] = y
+                self._batches[name] = self._batches.get(name, 0) + 1
+
+        return store
+
+    def commit(self, batches: int) -> None:
+        """Make the outputs recorded over all ``batches`` mini-batches replayable; drop the rest."""
+        for name, tensor in self._partial.items():
+            if self._batches.get(name) == batches:
+                self.outputs[name] = tensor
+        self._partial.clear()
+        self._batches.clear()
+
+
 @torch.no_grad()
-def capture_hessians(ctx: LayerContext, names: list[str], dtype: torch.dtype = torch.float32) -> list[HessianGroup]:
+def capture_hessians(
+    ctx: LayerContext,
+    names: list[str],
+    dtype: torch.dtype = torch.float32,
+    replay: OutputReplay | None = None,
+    record: list[str] = (),
+    independent: bool = False,
+) -> list[HessianGroup]:
     """Run the layer over ``ctx.inputs`` (computing in ``dtype``) and return the named linears'
     Hessians, one per group of linears fed the same input, in the order of ``names``.
 
     Each mini-batch stops as soon as all the named linears have seen their inputs. A routed
     expert only sees the tokens sent to it, so its count may be small or zero (a zero Hessian
-    when no token reached it).
+    when no token reached it). With ``replay``, linears it holds return their recorded outputs
+    and those in ``record`` (already quantized, run before the named ones) are recorded.
+    ``independent``: no named linear's input depends on another named linear's output (a
+    true-sequential stage), so their outputs are not computed (zeros stand in).
     """
-    hooks = _HessianHooks({name: ctx.module.get_submodule(name) for name in names}, ctx.device)
+    modules = {name: ctx.module.get_submodule(name) for name in names}
+    hooks = _HessianHooks(modules, ctx.device)
+    # the capture needs only the named linears' inputs: when none of them consumes another's
+    # output (a true-sequential stage), their outputs are never used and need not be computed
+    unused = {m: _zeros_out(m) for m in modules.values()} if independent else {}
+    batches = 0
     try:
         for start in range(0, ctx.inputs.shape[0], ctx.batch):
+            stop = min(start + ctx.batch, ctx.inputs.shape[0])
             hooks.waiting.update(names)
             try:
-                with autocast_to(ctx.device, dtype):
-                    ctx.module(ctx.inputs[start : start + ctx.batch].to(ctx.device), **ctx.kwargs)
+                with autocast_to(ctx.device, dtype), _forwards_replaced(unused), replay.batch(start, stop, list(record)) if replay else nullcontext():
+                    ctx.module(ctx.inputs[start:stop].to(ctx.device), **ctx.kwargs)
             except _Captured:
                 pass
+            batches += 1
     finally:
         hooks.remove()
+    if replay:
+        replay.commit(batches)
     for name in names:  # never called (an expert no token was routed to)
         if name not in hooks.leader:
             hooks.groups[name] = HessianGroup([name], make_hessian(ctx.module.get_submodule(name).in_features, ctx.device))
@@ -436,13 +527,17 @@ class GPTQ:
         experts = set(expert_linears(ctx.module, ctx.arch))
         observed: HessianGroup | None = ctx.seen.get("hessian")
         world, owned, solved_here = dist.world(), 0, 0  # under torchrun, Hessian group i of the layer belongs to rank i mod world size
+        # on the CPU each capture replays the earlier stages' outputs; on an accelerator recomputing
+        # them is cheaper than bringing them back from host memory
+        replay = OutputReplay(ctx) if ctx.device.type == "cpu" and len(stages) > 2 else None
         for k, stage in enumerate(stages):
             groups: list[HessianGroup] = []
             if k == 0 and observed is not None and (known := [n for n in stage if n in observed.names]):
                 groups.append(HessianGroup(known, observed.H, observed.count))  # from the targets forward
             todo = [n for n in stage if not any(n in g.names for g in groups)]
-            if todo:
-                groups += capture_hessians(ctx, todo, dtype)  # earlier stages are already quantized in place
+            if todo:  # earlier stages are already quantized in place; the last capture records nothing
+                record = [n for n in stages[k - 1] if n not in experts] if 0 < k < len(stages) - 1 else []
+                groups += capture_hessians(ctx, todo, dtype, replay, record, independent=p.true_sequential)
             totals = dist.all_sum(*(g.count for g in groups))
             mine: dict[int, Tensor] = {}
             for i, (group, total) in enumerate(zip(groups, totals)):  # each Hessian summed on its owner rank only

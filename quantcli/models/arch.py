@@ -8,7 +8,8 @@ Each entry describes one decoder layer in module paths relative to that layer:
   loss is measured on. A ``*`` in a path stands for an expert index; a group whose ``prev``
   holds one is repeated per expert. ``kv_heads`` marks v→o: under grouped-query attention each
   value channel feeds the same channel of every query head that shares its key/value head.
-* ``sequential``: the order in which the linears see their inputs (GPTQ's true-sequential).
+* ``sequential``: the order in which the linears see their inputs (GPTQ's true-sequential):
+  stages whose linears never consume one another's outputs.
 * ``keep_fp``: consumers that are scaled with their group but never quantized (MoE routers).
 
 Quirky modules are made canonical at load time (``canonical.py``): Gemma's ``(1 + w)`` norms
