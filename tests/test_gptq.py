@@ -315,6 +315,12 @@ def test_reversed_cholesky_factor_is_the_inverse_of_the_old_one(problem):
         assert torch.equal(R, R.triu())
         U = torch.linalg.solve_triangular(R.double(), torch.eye(R.shape[0], dtype=torch.float64), upper=True).float()
         torch.testing.assert_close(U, U_old, rtol=1e-4, atol=1e-4 * float(U_old.abs().max()))
+        # the visiting order is gathered inside: the same factor as for the permuted matrix
+        # (catches the inverse permutation, or the reversal applied before the permutation)
+        perm = torch.randperm(matrix.shape[0], generator=gen)
+        R_perm, used_perm = damp_and_factor(matrix, 0.01, perm)
+        R_ref, used_ref = damp_and_factor(matrix[perm][:, perm], 0.01)
+        assert used_perm == used_ref and torch.equal(R_perm, R_ref)
 
 
 def _tiny_layer_ctx(batch: int = 2):

@@ -144,36 +144,45 @@ def rtn_error_estimate(W: Tensor, H: Tensor, spec: QuantSpec, clip: Tensor | Non
     return float(diag.sum()) * exact / part if part > 0 else exact * out / rows
 
 
-def damp_and_factor(H: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tuple[Tensor | None, float]:
-    """Upper triangular ``R: [in, in]`` with ``H + λ I = R Rᵀ``, ``λ = damp · mean(diag H)``:
-    ``U = R⁻¹`` is the upper Cholesky factor of ``(H + λ I)⁻¹`` that GPTQ's corrections are read
-    from, and :func:`gptq_quantize` uses ``R`` itself, so no inverse is ever formed.
+def damp_and_factor(
+    H: Tensor, damp: float, perm: Tensor | None = None, retries: int = DAMP_RETRIES
+) -> tuple[Tensor | None, float]:
+    """Upper triangular ``R: [in, in]`` with ``Hₚ + λ I = R Rᵀ``, ``Hₚ = H[perm][:, perm]`` (``perm``:
+    the visiting order, default the identity), ``λ = damp · mean(diag H)``: ``U = R⁻¹`` is the upper
+    Cholesky factor of ``(Hₚ + λ I)⁻¹`` that GPTQ's corrections are read from, and
+    :func:`gptq_quantize` uses ``R`` itself, so no inverse is ever formed.
 
     One Cholesky factorisation of the index-reversed matrix: with ``J`` the reversal,
-    ``J H J = L Lᵀ`` gives ``R = J L J``. Dead columns (zero diagonal: inputs that were always
-    zero) get 1 on the diagonal, so they are rounded to nearest without touching the others. When
-    a factorisation fails the damping is multiplied by 10, up to ``retries`` times (a factorisation
-    whose smallest pivot² is below ``λ / 2`` fails too: that cannot happen for a positive
-    semi-definite ``H``). Returns ``(R, damp used)``, or ``(None, last damp tried)`` when ``H``
-    cannot be factored (non-finite, non-positive diagonal, every retry failed). ``H`` is not modified.
+    ``J Hₚ J = L Lᵀ`` gives ``R = J L J``. ``J Hₚ J`` is gathered from ``H`` in one step and damped
+    in place, so at most three ``[in, in]`` matrices exist here at once besides ``H`` (it, ``L``
+    and ``R``: the Hessian is the largest thing GPTQ holds, 3.3 GB for a 70B model's down_proj).
+    Dead columns (zero diagonal: inputs that were always zero) get 1 on the diagonal, so they are
+    rounded to nearest without touching the others. When a factorisation fails the damping is
+    multiplied by 10, up to ``retries`` times (a factorisation whose smallest pivot² is below
+    ``λ / 2`` fails too: that cannot happen for a positive semi-definite ``H``). Returns
+    ``(R, damp used)``, or ``(None, last damp tried)`` when ``H`` cannot be factored (non-finite,
+    non-positive diagonal, every retry failed). ``H`` is not modified.
     """
-    H = H.float().clone()
-    diag = H.diagonal()
+    order = torch.arange(H.shape[0], device=H.device) if perm is None else perm
+    backwards = order.flip(0)
+    reversed_ = H.index_select(0, backwards).index_select(1, backwards).float()  # J Hₚ J, a new matrix
+    diag = reversed_.diagonal()
     diag[diag == 0] = 1.0
-    mean = diag.mean()
-    if not (torch.isfinite(H).all() and mean > 0):
+    mean = diag.flip(0).mean()  # summed in visiting order
+    if not (torch.isfinite(reversed_).all() and mean > 0):
         return None, damp
-    reversed_ = H.flip(0, 1)
+    undamped = diag.clone()
     rel = damp
     for attempt in range(retries + 1):
         rel = damp * 10**attempt
-        damped = reversed_.clone()
-        damped.diagonal().add_(rel * mean)
-        L, info = torch.linalg.cholesky_ex(damped)
+        torch.add(undamped, rel * mean, out=diag)
+        L, info = torch.linalg.cholesky_ex(reversed_)
         # H positive semi-definite ⇒ every pivot² ≥ λ_min(H + λ I) ≥ λ; a smaller one means H is
         # indefinite beyond rounding: damp more
         if info == 0 and L.diagonal().min() ** 2 >= 0.5 * rel * mean and torch.isfinite(L).all():
+            del reversed_, diag  # free J Hₚ J before R is made
             return L.flip(0, 1), rel
+        del L
     return None, rel
 
 
@@ -239,7 +248,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     if (problem := _hessian_problem(H)) is not None:
         return rtn_fallback(W, H, spec, clip, problem)
     perm = torch.argsort(H.diagonal(), descending=True) if params.act_order else torch.arange(n, device=W.device)
-    R, damp = damp_and_factor(H[perm][:, perm], params.damp)
+    R, damp = damp_and_factor(H, params.damp, perm)
     if R is None:
         return rtn_fallback(W, H, spec, clip, f"Cholesky failed with damping up to {damp:g}")
 
@@ -261,9 +270,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, params: GPTQParams, cli
     # D = E U, i.e. E = D R: column j, once its earlier columns are rounded, is corrected to
     # w̃_j = w_j + Σ_{k<j} d_k R[k, j] / R[j, j] and scaled as e_j = (w̃_j − q_j) · R[j, j]. The
     # corrections therefore come from R scaled column-wise (Rn) and the errors d, no inverse needed.
-    diag_r = R.diagonal()
-    Rn = R / diag_r  # Rn[k, j] = R[k, j] / R[j, j]
-    diag_r = diag_r.tolist()
+    diag_r = R.diagonal().tolist()
+    Rn = R.div_(R.diagonal().clone())  # Rn[k, j] = R[k, j] / R[j, j], in place (R itself is not needed again)
     squared = torch.zeros(out_features, dtype=torch.float64, device=W.device)  # ‖E‖² per row
     for i1, i2 in _blocks(n, group, params.block_size):
         original = W.index_select(1, perm[i1:i2]).T.contiguous()  # the block's columns before any correction [B, out]
