@@ -4,7 +4,8 @@ Builds once (cached under benchmarks/results/work/scale/) random-weight Llama mo
 safetensors shards, one shard per decoder layer, written layer by layer so building never holds
 the model: ``1.2b`` (hidden 2048, 16 layers, issue 12's model) and ``7b`` (LLaMA-2-7B's shapes:
 hidden 4096, intermediate 11008, 32 heads, 32 layers, vocab 32000; ~13.5 GB). Then runs
-``quant calibrate``, ``rtn --w4 --group 128``, ``gptq``, ``awq``, ``eval-ppl`` and ``pack`` on it,
+``quant calibrate``, ``rtn --w4 --group 128``, ``gptq``, ``awq``, ``eval-ppl``, ``pack`` and
+``eval-packed`` (``eval-ppl`` of the packed checkpoint) on it,
 each in its own process, recording wall time and the peak RSS of the process (polled with psutil
 every 0.2 s), and one plain layer-by-layer forward over the same calibration set (streamed) so
 each stage's time is also given as a multiple of that forward (``x_plain_forward``). On a shared
@@ -14,6 +15,7 @@ calibration set through the layer, timed inside the same run: ``x_forward_same_r
 
     python benchmarks/scale.py --model 1.2b --nsamples 4 --seqlen 256
     python benchmarks/scale.py --model 7b --stages rtn,gptq
+    QUANTCLI_STREAM=0 python benchmarks/scale.py --model 1.2b --stages eval-packed --no-forward  # whole-model loading
 
 Writes benchmarks/results/scale.json (one entry per model and run label, merged with what is
 there) and prints a table. The machine is shared: the JSON records os.getloadavg() per stage.
@@ -206,12 +208,15 @@ def main() -> None:
         "awq": q + ["awq", str(model), *weights, "--calib", str(calib), "-o", str(run / "awq"), "--force", "-q", "--device", "cpu"],
         "eval-ppl": q + ["eval-ppl", str(run / "rtn"), "--dataset", str(text), "--seqlen", str(args.seqlen), "--max-windows", str(args.windows), "--json", "-q", "--device", "cpu"],
         "pack": q + ["pack", str(run / "rtn"), "-o", str(run / "packed"), "--force", "-q"],
+        "eval-packed": q + ["eval-ppl", str(run / "packed"), "--dataset", str(text), "--seqlen", str(args.seqlen), "--max-windows", str(args.windows), "--json", "-q", "--device", "cpu"],
     }
-    for stage in args.stages.split(","):
+    whole = os.environ.get("QUANTCLI_STREAM") == "0"  # every stage loads the whole model first (the pre-streaming path)
+    for name in args.stages.split(","):
+        stage = f"{name} (QUANTCLI_STREAM=0)" if whole else name
         print(f"running {stage} …", file=sys.stderr, flush=True)
-        output = run / stage if stage in ("rtn", "gptq", "awq", "pack") else None
-        rows[stage] = measure(commands[stage], args.src, args.stage_timeout if stage in ("gptq", "awq") else None, output)
-        if forward_s and stage in ("gptq", "awq", "rtn") and rows[stage]["rc"] in (0, 130):
+        output = run / name if name in ("rtn", "gptq", "awq", "pack") else None
+        rows[stage] = measure(commands[name], args.src, args.stage_timeout if name in ("gptq", "awq") else None, output)
+        if forward_s and name in ("gptq", "awq", "rtn") and rows[stage]["rc"] in (0, 130):
             if "stopped_after_layers" in rows[stage]:  # stopped early: whole-stage time estimated from its layers
                 estimate = rows[stage]["mean_layer_seconds"] * SHAPES[args.model]["num_hidden_layers"]
                 rows[stage]["x_plain_forward_estimated"] = round(estimate / forward_s, 1)

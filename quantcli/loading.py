@@ -32,7 +32,7 @@ from quantcli.models.load import base_ref, config_hash, load_base, quiet_hub, re
 from quantcli.models.act_hooks import install_spec_hooks
 from quantcli.models.stream import StreamedModel, can_stream
 from quantcli.models.weights import QuantizedCodes, apply_quantized, read_quantized
-from quantcli.pack.load import load_packed
+from quantcli.pack.load import load_packed, stream_packed
 from quantcli.quant import QuantizedWeight, QuantSpec
 
 STREAM_ENV = "QUANTCLI_STREAM"
@@ -178,6 +178,11 @@ def load_input(source: str | None, device: str = "cpu", quantized: bool = True, 
         if streamed is not None:
             return loaded
     elif source is not None and is_packed_dir(Path(source)):
+        if stream and (streamed := stream_packed(Path(source))) is not None:  # dequantized one layer at a time
+            from transformers import AutoTokenizer
+
+            model, spec = streamed
+            return Loaded(model.model, AutoTokenizer.from_pretrained(source), Path(source), base_ref(Path(source), source), None, spec, stream=model)
         packed = load_packed(Path(source))
         loaded = Loaded(packed.model, packed.tokenizer, Path(source), base_ref(Path(source), source), None, packed.spec, packed.quantized)
     else:

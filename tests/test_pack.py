@@ -542,3 +542,57 @@ def test_packed_moe_loads_whole_and_refuses_a_missing_expert(tmp_path):
     message = str(info.value)
     assert "\n" not in message and str(index) in message and "re-pack" in message
     assert "model.layers.1.mlp.experts.2.down_proj.weight" in message and "3 parameters" in message
+
+
+@pytest.mark.parametrize("fmt,spec", [
+    ("compressed-tensors", QuantSpec(4, 32, False)),
+    ("compressed-tensors", QuantSpec(8, -1, True, 8)),
+    ("autoawq", QuantSpec(4, 32, True)),
+    ("gptq", QuantSpec(3, 32, False)),
+])
+@torch.no_grad()
+def test_packed_checkpoint_streams_layer_by_layer_like_the_whole_model(tmp_path, fmt, spec):
+    # catches: a packed 70B loaded whole for evaluation (eval-ppl), a streamed layer whose weight
+    # is read from another module's packed tensors or left undequantized, and the activation
+    # quantizer of a W8A8 checkpoint missing from the streamed layers
+    from quantcli.eval.ppl import perplexity, perplexity_streamed
+    from quantcli.loading import load_input
+
+    model = tiny_llama(False)
+    quantized = fake_quantize_model(model, spec)
+    out = write_packed(tmp_path / "packed", model, tiny_tokenizer(), quantized, spec, fmt)
+    streamed = load_input(str(out), stream=True)
+    whole = load_input(str(out))
+    assert streamed.stream is not None and whole.stream is None and streamed.spec == whole.spec == spec
+    layers = whole.model.model.layers
+    for index in range(len(layers)):
+        layer = streamed.stream.onload_layer(index, "cpu")
+        for name, tensor in layers[index].state_dict().items():
+            assert torch.equal(layer.state_dict()[name], tensor), (index, name)
+        streamed.stream.offload_layer(index)
+    tokens = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0))
+    expected = perplexity(whole.model, tokens, 32, 4)["ppl"]
+    assert perplexity_streamed(streamed.stream, tokens, 32, 4)["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_packed_checkpoint_with_an_unexplained_tensor_is_loaded_whole_and_refused(tmp_path):
+    # catches: streaming silently ignoring a tensor the config does not describe (the whole-model
+    # loader refuses it with a one-line error)
+    from safetensors.torch import load_file, save_file
+
+    from quantcli.loading import load_input
+
+    model = tiny_llama(False)
+    quantized = fake_quantize_model(model, QuantSpec(4, 32))
+    out = write_packed(tmp_path / "packed", model, tiny_tokenizer(), quantized, QuantSpec(4, 32), "compressed-tensors")
+    file = next(out.glob("*.safetensors"))
+    tensors = load_file(str(file))
+    tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"]["model.layers.0.mlp.extra.weight"] = file.name
+        index.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="re-pack"):
+        load_input(str(out), stream=True)

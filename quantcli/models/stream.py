@@ -106,12 +106,13 @@ class ShardIndex:
         self._handles.clear()
 
 
-def skeleton(model_dir: Path) -> nn.Module:
-    """The canonical model of ``model_dir`` with its parameters on ``meta`` (buffers computed)."""
+def skeleton(model_dir: Path, config=None) -> nn.Module:
+    """The canonical model of ``model_dir`` (or of ``config``, a transformers config) with its
+    parameters on ``meta`` (buffers computed)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = config or AutoConfig.from_pretrained(str(model_dir))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if not getattr(model.config, "architectures", None):
@@ -127,6 +128,11 @@ def can_stream(model_dir: Path) -> bool:
         model, index = skeleton(model_dir), ShardIndex(model_dir)
     except InputError:
         return False
+    return all_keys_present(model, index)
+
+
+def all_keys_present(model: nn.Module, index) -> bool:
+    """Whether ``index`` holds every tensor of the canonical ``model`` (a tied head may be absent)."""
     tied = _tied_keys(model)
     return all(key in index or key in tied for key in hf_keys(model))
 
@@ -180,10 +186,10 @@ class StreamedModel:
     ``model`` is the canonical skeleton (parameters on ``meta``); ``dtype`` the compute dtype.
     """
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32, model: nn.Module | None = None, index=None):
         self.dir = Path(model_dir)
-        self.model = skeleton(self.dir)
-        self.index = ShardIndex(self.dir)
+        self.model = model if model is not None else skeleton(self.dir)
+        self.index = index if index is not None else ShardIndex(self.dir)  # anything with ``in``, ``get`` and ``close``
         self.dtype = dtype
         self.arch = arch_spec(self.model)
         self.layers = decoder_layers(self.model, self.arch)

@@ -71,6 +71,8 @@ SUFFIXES = {
     "autoawq": ("qweight", "qzeros", "scales"),
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
 }
+# The suffix whose tensor marks a module as quantized in each format (its reader keys on it).
+MARKERS = {"compressed-tensors": "weight_scale", "autoawq": "qweight", "gptq": "qweight"}
 
 
 # --------------------------------------------------------------------------- what each format can hold

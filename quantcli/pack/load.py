@@ -19,9 +19,10 @@ from torch import nn
 from quantcli.errors import InputError
 from quantcli.models.canonical import canonicalize
 from quantcli.models.act_hooks import install_spec_hooks
+from quantcli.models.stream import ShardIndex, StreamedModel, all_keys_present, skeleton
 from quantcli.models.weights import apply_quantized
 from quantcli.pack.checkpoint import INDEX_NAME, WEIGHTS_NAME, read_packed
-from quantcli.pack.formats import spec_from_config
+from quantcli.pack.formats import MARKERS, READERS, SUFFIXES, detect_format, spec_from_config, unpack_input_scales
 from quantcli.quant import QuantizedWeight, QuantSpec
 
 
@@ -36,14 +37,24 @@ class PackedModel:
     config: dict  # config.json as written (with ``quantization_config`` and quantcli's provenance)
 
 
-def load_packed(path: Path) -> PackedModel:
-    """Build the model from config.json, load its fp tensors, unpack and dequantize the rest (on CPU)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _plain_config(path: Path, config_dict: dict):
+    """The transformers config of a packed checkpoint, without its quantization blocks."""
+    from transformers import AutoConfig
 
-    config_dict, quantized, fp_state, act_qparams = read_packed(path)
     plain = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "quantcli")}
     try:
-        config = AutoConfig.for_model(**plain)
+        return AutoConfig.for_model(**plain)
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"{path}: cannot build the model from its config.json ({str(exc).splitlines()[0][:160]})") from None
+
+
+def load_packed(path: Path) -> PackedModel:
+    """Build the model from config.json, load its fp tensors, unpack and dequantize the rest (on CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_dict, quantized, fp_state, act_qparams = read_packed(path)
+    config = _plain_config(path, config_dict)
+    try:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (ValueError, KeyError, OSError) as exc:
@@ -75,3 +86,76 @@ def load_packed(path: Path) -> PackedModel:
     install_spec_hooks(model, sorted(quantized), spec, act_qparams)  # activations (and KV cache) as the spec says
     model.eval()
     return PackedModel(model, tokenizer, spec, quantized, config_dict)
+
+
+class PackedIndex:
+    """The tensors of a packed checkpoint as a base checkpoint's: a quantized linear's ``weight``
+    is unpacked and dequantized from that module's packed tensors when it is read, every other
+    tensor is read as stored. Reads one module's tensors at a time (:class:`ShardIndex`)."""
+
+    def __init__(self, path: Path, config_dict: dict):
+        self.shards = ShardIndex(path)
+        self.qconfig = config_dict["quantization_config"]
+        self.format = detect_format(self.qconfig)
+        marker = f".{MARKERS[self.format]}"
+        self.quantized = {key.removesuffix(marker) for key in self.shards.weight_map if key.endswith(marker)}
+
+    def _module(self, key: str) -> str | None:
+        name = key.removesuffix(".weight")
+        return name if key.endswith(".weight") and name in self.quantized else None
+
+    def __contains__(self, key: str) -> bool:
+        return self._module(key) is not None or key in self.shards
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self._module(key)
+        if name is None:
+            return self.shards.get(key)
+        parts = {f"{name}.{s}": self.shards.get(f"{name}.{s}") for s in SUFFIXES[self.format] if f"{name}.{s}" in self.shards}
+        return READERS[self.format](parts, self.qconfig)[name].dequantize()
+
+    def input_scales(self) -> dict[str, torch.Tensor]:
+        """The static activation scales (scalars), read all at once."""
+        keys = [k for k in self.shards.weight_map if k.endswith((".input_scale", ".input_zero_point"))]
+        return unpack_input_scales({k: self.shards.get(k) for k in keys}, self.qconfig)
+
+    def close(self) -> None:
+        self.shards.close()
+
+
+def stream_packed(path: Path) -> tuple[StreamedModel, QuantSpec] | None:
+    """A packed checkpoint as a :class:`StreamedModel` (one decoder layer dequantized at a time,
+    activation quantization installed as its spec says) and its spec, or None when its tensors do
+    not map onto the model's by name (e.g. per-expert MoE tensors): then it is loaded whole."""
+    import json
+
+    config_dict = json.loads((path / "config.json").read_text())
+    try:
+        index = PackedIndex(path, config_dict)
+    except InputError:
+        return None
+    model = skeleton(path, _plain_config(path, config_dict))
+    modules = dict(model.named_modules())
+    if (
+        not all_keys_present(model, index)
+        or set(index.shards.weight_map) - _covered(model, index)
+        or any(not isinstance(modules.get(name), nn.Linear) for name in index.quantized)
+    ):
+        return None  # absent or unexplained tensors: the whole-model loader names them
+    spec = spec_from_config(config_dict)
+    names = sorted(name for name in index.quantized)
+    static = index.input_scales() if spec.act_static else None
+    if spec.act_static and (absent := [n for n in names if f"{n}.input_scale" not in static]):
+        raise InputError(f"{path}: static activations but no input_scale for {absent[0]}; re-pack it")
+    install_spec_hooks(model, names, spec, static)
+    return StreamedModel(path, model=model, index=index), spec
+
+
+def _covered(model: nn.Module, index: PackedIndex) -> set[str]:
+    """The stored tensor names the model's tensors are read from (packed modules: all their parts)."""
+    from quantcli.models.canonical import hf_keys
+
+    covered = set(index.shards.weight_map) & set(hf_keys(model))
+    for name in index.quantized:
+        covered |= {f"{name}.{s}" for s in SUFFIXES[index.format]}
+    return covered
