@@ -458,3 +458,34 @@ def test_capture_dtype_is_checked_and_recorded():
 
     with pytest.raises(SpecError, match="--capture-dtype"):
         GPTQParams(capture_dtype="int8")
+
+
+def test_replayed_captures_give_a_moe_layer_the_codes_of_recomputing_ones(monkeypatch):
+    # catches: a replay or a skipped output that changes what a routed MoE layer's later stages
+    # see (a router fed a replayed tensor of the wrong mini-batch, experts' outputs replayed
+    # although each mini-batch routes other tokens to them): the codes must equal those of
+    # captures that recompute everything
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from quantcli.algos import gptq as gptq_module
+    from quantcli.algos.driver import run_blockwise
+    from quantcli.models.canonical import canonicalize
+
+    def run():
+        torch.manual_seed(0)
+        config = MixtralConfig(
+            hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        )
+        config.architectures = ["MixtralForCausalLM"]
+        model = canonicalize(MixtralForCausalLM(config).eval())
+        ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+        return run_blockwise(model, ids, GPTQ(GPTQParams(min_expert_tokens=1)), SPEC, torch.device("cpu"), batch=2).quantized
+
+    replayed = run()
+    monkeypatch.setattr(gptq_module.OutputReplay, "commit", lambda self, batches: None)  # nothing is ever replayed
+    monkeypatch.setattr(gptq_module, "_zeros_out", lambda linear: linear.__class__.forward.__get__(linear))  # outputs computed
+    recomputed = run()
+    assert replayed.keys() == recomputed.keys() and len(replayed) == 2 * (4 + 4 * 3)
+    for name in replayed:
+        assert torch.equal(replayed[name].codes, recomputed[name].codes), name
