@@ -6,6 +6,10 @@ scaling group (every layer) whether the chosen scale equals the reference's. Cal
 tokens, as ``ppl_table.py``'s benchmark; evaluation: ``prideprejudice.txt``, 16 × 512 windows.
 
     python benchmarks/awq_speed.py --search-dtypes float32,mixed --specs w4g64,w3g64
+    python benchmarks/awq_speed.py --search-dtypes float32,float32-batch4 --specs w3g64  # the noise floor
+
+``float32-batch4`` is the float32 search in mini-batches of 4 instead of 8: the same method with
+another summation order, whose change against float32 is the search's own noise floor.
 
 Texts: ``emma.txt`` (Austen) and, from outside Austen, the English text of Python's own
 ``pydoc_data.topics`` (the help topics shipped with CPython), written to the work directory.
@@ -80,7 +84,9 @@ def main() -> None:
                 if key in runs and not args.rerun:
                     continue
                 out = work / f"awq-{name}-{spec}-{dtype}"
-                cmd = ["awq", *specs[spec], "--calib", str(calib), "--search-dtype", dtype, "-o", str(out), "--force", "-q"]
+                search = dtype.split("-batch")  # e.g. float32-batch4: float32 in mini-batches of 4 (the noise floor)
+                batch = ["--batch-size", search[1]] if len(search) > 1 else []
+                cmd = ["awq", *specs[spec], "--calib", str(calib), "--search-dtype", search[0], *batch, "-o", str(out), "--force", "-q"]
                 _, seconds = timed_quant(*cmd)
                 result = json.loads(timed_quant("eval-ppl", str(out), *evaluate)[0])
                 runs[key] = {"ppl": result["ppl"], "awq_seconds": round(seconds, 1), "artifact": rel(out),
