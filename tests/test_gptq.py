@@ -189,19 +189,25 @@ def test_bad_params_are_one_line_errors():
         GPTQParams(damp=0)
 
 
-def test_moe_experts_see_their_routed_tokens_and_rare_ones_fall_back():
+def _tiny_mixtral(layers: int):
+    """A canonical random Mixtral (hidden 64, 4 experts, top-2), seeded."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from quantcli.algos.driver import run_blockwise
     from quantcli.models.canonical import canonicalize
 
     torch.manual_seed(0)
     config = MixtralConfig(
-        hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=128, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
     )
     config.architectures = ["MixtralForCausalLM"]
-    model = canonicalize(MixtralForCausalLM(config).eval())
+    return canonicalize(MixtralForCausalLM(config).eval())
+
+
+def test_moe_experts_see_their_routed_tokens_and_rare_ones_fall_back():
+    from quantcli.algos.driver import run_blockwise
+
+    model = _tiny_mixtral(1)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     tokens = ids.numel()  # dense linears see every token; an expert only the ones routed to it
     result = run_blockwise(model, ids, GPTQ(GPTQParams(min_expert_tokens=tokens)), SPEC, torch.device("cpu"))
@@ -465,20 +471,11 @@ def test_replayed_captures_give_a_moe_layer_the_codes_of_recomputing_ones(monkey
     # see (a router fed a replayed tensor of the wrong mini-batch, experts' outputs replayed
     # although each mini-batch routes other tokens to them): the codes must equal those of
     # captures that recompute everything
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     from quantcli.algos import gptq as gptq_module
     from quantcli.algos.driver import run_blockwise
-    from quantcli.models.canonical import canonicalize
 
     def run():
-        torch.manual_seed(0)
-        config = MixtralConfig(
-            hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=128, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        )
-        config.architectures = ["MixtralForCausalLM"]
-        model = canonicalize(MixtralForCausalLM(config).eval())
+        model = _tiny_mixtral(2)
         ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
         return run_blockwise(model, ids, GPTQ(GPTQParams(min_expert_tokens=1)), SPEC, torch.device("cpu"), batch=2).quantized
 
