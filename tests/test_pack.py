@@ -596,3 +596,26 @@ def test_packed_checkpoint_with_an_unexplained_tensor_is_loaded_whole_and_refuse
         index.write_text(json.dumps(data))
     with pytest.raises(InputError, match="re-pack"):
         load_input(str(out), stream=True)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_packed_checkpoint_with_a_damaged_shard_is_one_line_error(tmp_path, damage):
+    # catches: a traceback from safe_open when a listed shard is gone or cut short (the streamed
+    # reader used to open shards unchecked, in the middle of evaluation)
+    from quantcli.loading import load_input
+
+    model = tiny_llama(False)
+    quantized = fake_quantize_model(model, QuantSpec(4, 32))
+    out = write_packed(tmp_path / "packed", model, tiny_tokenizer(), quantized, QuantSpec(4, 32), "compressed-tensors")  # one shard per layer
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    if damage == "missing":
+        shards[1].unlink()
+    else:
+        shards[1].write_bytes(shards[1].read_bytes()[:1000])
+    with pytest.raises(InputError) as info:
+        loaded = load_input(str(out), stream=True)
+        for index in range(len(loaded.stream.layers)):
+            loaded.stream.onload_layer(index, "cpu")
+    message = str(info.value)
+    assert "\n" not in message and shards[1].name in message

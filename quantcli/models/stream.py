@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from quantcli.errors import InputError
@@ -56,6 +56,9 @@ class ShardIndex:
                 self.weight_map = {key: SINGLE_FILE for key in fh.keys()}
         else:
             raise InputError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; streaming needs safetensors weights")
+        missing = sorted(f for f in set(self.weight_map.values()) if not (self.dir / f).is_file())
+        if missing:  # callers fall back to the whole-model loader, which names the file
+            raise InputError(f"{self.dir / missing[0]}: missing, though {INDEX_FILE} lists it; restore the checkpoint")
         self._handles: dict[str, object] = {}
 
     def __contains__(self, key: str) -> bool:
@@ -97,9 +100,12 @@ class ShardIndex:
 
     def _tensor(self, name: str) -> Tensor:
         file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.dir / file), "pt")
-        return self._handles[file].get_tensor(name)
+        try:
+            if file not in self._handles:
+                self._handles[file] = safe_open(str(self.dir / file), "pt")
+            return self._handles[file].get_tensor(name)
+        except (OSError, SafetensorError) as exc:
+            raise InputError(f"{self.dir / file}: cannot read {name} ({str(exc).splitlines()[0][:120]}); restore the checkpoint") from None
 
     def close(self) -> None:
         """Unmap the shards: pages read through a mapping count in the process's RSS until then."""
