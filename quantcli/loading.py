@@ -181,8 +181,8 @@ def load_input(source: str | None, device: str = "cpu", quantized: bool = True, 
         if stream and (streamed := stream_packed(Path(source))) is not None:  # dequantized one layer at a time
             from transformers import AutoTokenizer
 
-            model, spec = streamed
-            return Loaded(model.model, AutoTokenizer.from_pretrained(source), Path(source), base_ref(Path(source), source), None, spec, stream=model)
+            model, spec, weights = streamed
+            return Loaded(model.model, AutoTokenizer.from_pretrained(source), Path(source), base_ref(Path(source), source), None, spec, weights, model)
         packed = load_packed(Path(source))
         loaded = Loaded(packed.model, packed.tokenizer, Path(source), base_ref(Path(source), source), None, packed.spec, packed.quantized)
     else:

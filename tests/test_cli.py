@@ -412,9 +412,9 @@ def test_offload_activations_gives_the_same_artifact_and_ppl(calib_and_rtn, tiny
     mapped = []
     empty = ActivationStore.empty
 
-    def spy(self, shape):
+    def spy(self, shape, dtype=None):
         mapped.append(self.directory is not None)
-        return empty(self, shape)
+        return empty(self, shape, dtype)
 
     monkeypatch.setattr(ActivationStore, "empty", spy)
     offload = tmp_path / "acts" / "nested"

@@ -10,6 +10,7 @@ a MoE checkpoint, a truncated shard) is found by name and refused instead of run
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +110,12 @@ class PackedIndex:
 
     def get(self, key: str) -> torch.Tensor:
         name = self._module(key)
-        if name is None:
-            return self.shards.get(key)
+        return self.shards.get(key) if name is None else self.quantized_weight(name).dequantize()
+
+    def quantized_weight(self, name: str) -> QuantizedWeight:
+        """Module ``name``'s codes and parameters, read from its packed tensors."""
         parts = {f"{name}.{s}": self.shards.get(f"{name}.{s}") for s in SUFFIXES[self.format] if f"{name}.{s}" in self.shards}
-        return READERS[self.format](parts, self.qconfig)[name].dequantize()
+        return READERS[self.format](parts, self.qconfig)[name]
 
     def input_scales(self) -> dict[str, torch.Tensor]:
         """The static activation scales (scalars), read all at once."""
@@ -123,10 +126,30 @@ class PackedIndex:
         self.shards.close()
 
 
-def stream_packed(path: Path) -> tuple[StreamedModel, QuantSpec] | None:
+class PackedWeights(Mapping):
+    """Module name → :class:`QuantizedWeight` of a packed checkpoint, each read from the shards when
+    it is looked up (nothing is held)."""
+
+    def __init__(self, index: PackedIndex):
+        self.index = index
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name not in self.index.quantized:
+            raise KeyError(name)
+        return self.index.quantized_weight(name)
+
+    def __iter__(self):
+        return iter(sorted(self.index.quantized))
+
+    def __len__(self) -> int:
+        return len(self.index.quantized)
+
+
+def stream_packed(path: Path) -> tuple[StreamedModel, QuantSpec, PackedWeights] | None:
     """A packed checkpoint as a :class:`StreamedModel` (one decoder layer dequantized at a time,
-    activation quantization installed as its spec says) and its spec, or None when its tensors do
-    not map onto the model's by name (e.g. per-expert MoE tensors): then it is loaded whole."""
+    activation quantization installed as its spec says), its spec and its quantized weights (read
+    on lookup), or None when its tensors do not map onto the model's by name (e.g. per-expert MoE
+    tensors): then it is loaded whole."""
     import json
 
     config_dict = json.loads((path / "config.json").read_text())
@@ -148,7 +171,7 @@ def stream_packed(path: Path) -> tuple[StreamedModel, QuantSpec] | None:
     if spec.act_static and (absent := [n for n in names if f"{n}.input_scale" not in static]):
         raise InputError(f"{path}: static activations but no input_scale for {absent[0]}; re-pack it")
     install_spec_hooks(model, names, spec, static)
-    return StreamedModel(path, model=model, index=index), spec
+    return StreamedModel(path, model=model, index=index), spec, PackedWeights(index)
 
 
 def _covered(model: nn.Module, index: PackedIndex) -> set[str]:
