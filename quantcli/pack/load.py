@@ -9,6 +9,7 @@ a MoE checkpoint, a truncated shard) is found by name and refused instead of run
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ def _plain_config(path: Path, config_dict: dict):
         raise InputError(f"{path}: cannot build the model from its config.json ({str(exc).splitlines()[0][:160]})") from None
 
 
+def _check_input_scales(where: Path, spec: QuantSpec, names: list[str], act_qparams: dict) -> None:
+    """Refuse a static-activation checkpoint that lacks one of its linears' input scales."""
+    if spec.act_static and (absent := [n for n in names if f"{n}.input_scale" not in act_qparams]):
+        raise InputError(f"{where}: static activations but no input_scale for {absent[0]}; re-pack it")
+
+
 def load_packed(path: Path) -> PackedModel:
     """Build the model from config.json, load its fp tensors, unpack and dequantize the rest (on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,8 +89,7 @@ def load_packed(path: Path) -> PackedModel:
     if unexpected:
         raise InputError(f"{weights}: tensors the config does not describe ({', '.join(unexpected[:3])}); re-pack it")
     spec = spec_from_config(config_dict)
-    if spec.act_static and (absent := [n for n in sorted(quantized) if f"{n}.input_scale" not in act_qparams]):
-        raise InputError(f"{weights}: static activations but no input_scale for {absent[0]}; re-pack it")
+    _check_input_scales(weights, spec, sorted(quantized), act_qparams)
     install_spec_hooks(model, sorted(quantized), spec, act_qparams)  # activations (and KV cache) as the spec says
     model.eval()
     return PackedModel(model, tokenizer, spec, quantized, config_dict)
@@ -150,8 +156,6 @@ def stream_packed(path: Path) -> tuple[StreamedModel, QuantSpec, PackedWeights] 
     activation quantization installed as its spec says), its spec and its quantized weights (read
     on lookup), or None when its tensors do not map onto the model's by name (e.g. per-expert MoE
     tensors): then it is loaded whole."""
-    import json
-
     config_dict = json.loads((path / "config.json").read_text())
     try:
         index = PackedIndex(path, config_dict)
@@ -166,10 +170,9 @@ def stream_packed(path: Path) -> tuple[StreamedModel, QuantSpec, PackedWeights] 
     ):
         return None  # absent or unexplained tensors: the whole-model loader names them
     spec = spec_from_config(config_dict)
-    names = sorted(name for name in index.quantized)
+    names = sorted(index.quantized)
     static = index.input_scales() if spec.act_static else None
-    if spec.act_static and (absent := [n for n in names if f"{n}.input_scale" not in static]):
-        raise InputError(f"{path}: static activations but no input_scale for {absent[0]}; re-pack it")
+    _check_input_scales(path, spec, names, static)
     install_spec_hooks(model, names, spec, static)
     return StreamedModel(path, model=model, index=index), spec, PackedWeights(index)
 
