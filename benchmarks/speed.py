@@ -279,6 +279,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled per prompt length (0: none)")
+    ap.add_argument("--no-compile-decode", action="store_true",
+                    help="eager decode only (default: also a compiled decode step for every model, the faster one used)")
     ap.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     ap.add_argument("--micro", action="store_true", help="micro-benchmarks only (see above)")
     ap.add_argument("--out", default=None)
@@ -316,6 +318,7 @@ def main() -> None:
     params = BenchParams(
         prompt_lens=tuple(lens), gen=args.gen, reps=args.reps, warmup=1,
         device=args.device, threads=args.threads, profile_steps=args.profile_steps,
+        compile_decode=not args.no_compile_decode,
     )
     result = compare(artifact, params, ("fp32", "bf16"), log=lambda m: print(m, file=sys.stderr, flush=True))
     result["input"] = rel(artifact)

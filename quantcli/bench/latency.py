@@ -211,6 +211,104 @@ def generate_once(
     return prefill, steps
 
 
+def position_kwargs(model: nn.Module, positions: torch.Tensor) -> dict:
+    """``{"cache_position": positions}`` where the model's forward takes it (transformers 4.x, where a
+    static cache is written where it says), else ``{}`` (5.x: the cache counts its own tokens)."""
+    return {"cache_position": positions} if "cache_position" in inspect.signature(model.forward).parameters else {}
+
+
+def greedy_step(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]:
+    """``step(token [B, 1], position [1], cache) → next token [B, 1]``: one greedy decode step of
+    ``model`` over a preallocated (static) KV cache, the function :func:`compiled_greedy_step`
+    compiles (the argmax inside, so the compiled step ends with the token)."""
+    extra, name = _forward_kwargs(model), cache_kwarg(model)
+
+    def step(token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+        out = model(input_ids=token, use_cache=True, **position_kwargs(model, position), **{name: cache}, **extra)
+        return out.logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    return step
+
+
+def compiled_greedy_step(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]:
+    """:func:`greedy_step` through ``torch.compile`` (inductor, whole graph: a graph break raises).
+
+    The KV cache is a transformers ``StaticCache`` sized once per prompt, so every step has the
+    same shapes and the graph is compiled once per cache length (from the second length on with
+    the length dynamic). Eager decoding spends most of a small model's step launching ops one by
+    one from Python (norms, rotary, residuals, cache append); the compiled step runs them as fused
+    loops, with the low-bit kernels called as they are. Compile errors surface on the first call.
+    """
+    return torch.compile(greedy_step(model), fullgraph=True, dynamic=None)
+
+
+def static_cache(model: nn.Module, max_len: int):
+    """A transformers ``StaticCache`` of ``max_len`` tokens for ``model`` (dtype and device taken
+    from the first keys written)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def decode_with_step(
+    model: nn.Module, ids: torch.Tensor, gen: int, device: torch.device, step: Callable
+) -> tuple[list[float], torch.Tensor]:
+    """Prefill ``ids: [batch, L]`` eagerly into a static cache of ``L + gen`` tokens, then time
+    ``gen`` greedy decode steps of ``step`` (see :func:`greedy_step`). Returns the seconds of each
+    step (the prefill is not timed here: its time to first token is the eager one) and the tokens
+    decoded, ``[batch, gen]``."""
+    length = ids.shape[1]
+    cache = static_cache(model, length + gen)
+    extra, name = _forward_kwargs(model), cache_kwarg(model)
+    positions = position_kwargs(model, torch.arange(length, device=device))
+    out = model(input_ids=ids, use_cache=True, **positions, **{name: cache}, **extra)
+    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    steps, tokens = [], []
+    for i in range(gen):
+        position = torch.tensor([length + i], device=device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        token = step(token, position, cache)
+        synchronize(device)
+        steps.append(time.perf_counter() - t0)
+        tokens.append(token)
+    return steps, torch.cat(tokens, dim=1)
+
+
+def _compiled_decode(model, ids, gen, reps, warmup, device, step, progress, length) -> dict:
+    """``decode_ms`` summary of the compiled step (after ``warmup`` untimed runs, which compile),
+    or ``{"error": the first line}`` when it cannot compile or run."""
+    try:
+        for i in range(max(1, warmup)):
+            if progress:
+                progress(f"prompt {length}: compiled decode, warm-up {i + 1} (compiles on first use)")
+            decode_with_step(model, ids, min(gen, 4), device, step)
+        means = []
+        for i in range(reps):
+            if progress:
+                progress(f"prompt {length}: compiled decode, rep {i + 1}/{reps}")
+            steps, _ = decode_with_step(model, ids, gen, device, step)
+            means.append(sum(steps) / len(steps))
+    except Exception as err:  # inductor reports a missing compiler, a graph break etc. with many types
+        return {"error": (str(err).strip().splitlines() or [type(err).__name__])[0][:200]}
+    return _summary(means, "decode_ms")
+
+
+DECODE_KEYS = ("decode_ms", "decode_ms_min", "decode_ms_max", "decode_ms_std")
+
+
+def choose_decode(row: dict, compiled: dict) -> None:
+    """Record both decode runtimes in ``row`` (``decode_eager``, ``decode_compiled``) and make the
+    faster one (by median) the row's ``decode_ms``/``decode_tok_s``, naming it in ``decode_path``."""
+    eager = {k: row[k] for k in DECODE_KEYS}
+    row["decode_eager"], row["decode_compiled"] = eager, compiled
+    faster = "decode_ms" in compiled and compiled["decode_ms"] < eager["decode_ms"]
+    row["decode_path"] = "compiled" if faster else "eager"
+    if faster:
+        row.update({k: compiled[k] for k in DECODE_KEYS})
+        row["decode_tok_s"] = row["batch"] / (row["decode_ms"] / 1e3)
+
+
 def measure_prefill_decode(
     model: nn.Module,
     prompt_lens: list[int],
@@ -222,8 +320,9 @@ def measure_prefill_decode(
     seed: int = 0,
     progress: Progress | None = None,
     configure: Callable[[int], dict] | None = None,
-    profile: Callable[[int], dict] | None = None,
+    profile: Callable[[int, Callable | None], dict] | None = None,
     make_cache: Callable[[], object] | None = None,
+    compiled_step: Callable | None = None,
 ) -> list[dict]:
     """Time prefill and greedy decode for each prompt length on synthetic token ids (the KV cache
     from ``make_cache()`` when given, e.g. :func:`quantcli.bench.kvcache.int8_kv_cache`).
@@ -235,8 +334,11 @@ def measure_prefill_decode(
     the mean per-step latency) with ``_min/_max/_std``, ``decode_tok_s`` (``batch`` / median step),
     and ``peak_mem_bytes`` (GPU max allocated, or process peak RSS on CPU). ``configure(L)``, when
     given, sets the model up for length ``L`` before its runs (untimed) and returns what it chose,
-    stored as the row's ``paths``. ``profile(L)``, when given, runs after the timed reps (same
-    configuration) and its result is stored as the row's ``profile``.
+    stored as the row's ``paths``. ``compiled_step`` (see :func:`compiled_greedy_step`), when
+    given, also times decode through it over a static cache; the faster of the two runtimes is the
+    row's ``decode_ms``, named in ``decode_path``, both kept (:func:`choose_decode`). ``profile(L,
+    step)``, when given, runs after the timed reps (same configuration, ``step`` the compiled
+    step where decode chose it, else None) and its result is stored as the row's ``profile``.
     """
     device = torch.device(device)
     vocab = _text_config(model.config).vocab_size
@@ -268,10 +370,14 @@ def measure_prefill_decode(
         if decodes:
             row.update(_summary(decodes, "decode_ms"))
             row["decode_tok_s"] = batch / (row["decode_ms"] / 1e3)
+            if compiled_step is not None:
+                with torch.inference_mode():
+                    compiled = _compiled_decode(model, ids, gen, reps, warmup, device, compiled_step, progress, length)
+                choose_decode(row, compiled)
         row["peak_mem_bytes"] = peak_memory_bytes(device)
         if profile is not None:
             if progress:
                 progress(f"prompt {length}: profiling")
-            row["profile"] = profile(length)
+            row["profile"] = profile(length, compiled_step if row.get("decode_path") == "compiled" else None)
         rows.append(row)
     return rows

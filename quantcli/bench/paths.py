@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from quantcli.bench.kernels import DEQUANT_LABEL, INT8_LABEL, KERNEL_MODULES, KernelReport
-from quantcli.bench.latency import _attention_geometry, _forward_kwargs, fastest_ms, synchronize
+from quantcli.bench.latency import (
+    _attention_geometry,
+    _forward_kwargs,
+    fastest_ms,
+    position_kwargs,
+    static_cache,
+    synchronize,
+)
 
 PHASE_ATTENTION = "quantcli_phase_sdpa"  # transformers attention implementation registered below
 PREFILL_DTYPE_ATTR = "quantcli_prefill_dtype"  # set on attention modules: dtype of prefill attention
@@ -239,10 +247,16 @@ ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::so
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # and the low-bit kernels (…pack_mm…)
 
 
-def profile_phases(model: nn.Module, length: int, steps: int, device: torch.device, seed: int = 0, batch: int = 1) -> dict:
+def profile_phases(
+    model: nn.Module, length: int, steps: int, device: torch.device, seed: int = 0, batch: int = 1,
+    decode_step: Callable | None = None,
+) -> dict:
     """Milliseconds of one prefill of ``length`` tokens and of ``steps`` decode steps, split by
     torch.profiler self time into attention (SDPA, KV-cache append, softmax), matmuls (low-bit
     kernels, dense and lm_head), dequantization (the dense-prefill unpacking) and everything else.
+    With ``decode_step`` (a compiled :func:`~quantcli.bench.latency.greedy_step`) the decode steps
+    run through it over a static cache, as timed; the profiler still sees each low-bit kernel and
+    matmul the compiled graph calls, and the fused loops it generated count as "other".
 
     Returns ``{"prefill": {...}, "decode_per_step": {...}}``, each with ``wall_ms`` and the shares.
     """
@@ -263,6 +277,19 @@ def profile_phases(model: nn.Module, length: int, steps: int, device: torch.devi
                     wall = time.perf_counter() - t0
                 cache, token = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
                 n = 1
+            elif decode_step is not None:
+                static = static_cache(model, length + steps + 1)
+                positions = position_kwargs(model, torch.arange(length, device=device))
+                token = model(input_ids=ids, use_cache=True, past_key_values=static, **positions, **extra
+                              ).logits[:, -1].argmax(-1, keepdim=True)
+                token = decode_step(token, torch.tensor([length], device=device), static)  # compiled before: untimed
+                with profile(activities=activities) as prof:
+                    t0 = time.perf_counter()
+                    for i in range(steps):
+                        token = decode_step(token, torch.tensor([length + 1 + i], device=device), static)
+                    synchronize(device)
+                    wall = time.perf_counter() - t0
+                n = steps
             else:
                 with profile(activities=activities) as prof:
                     t0 = time.perf_counter()

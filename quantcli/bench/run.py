@@ -20,6 +20,7 @@ from quantcli.bench.kvcache import KV_INT8, int8_kv_cache, measured_kv_bytes_per
 from quantcli.bench.w8a8 import w8a8_builder
 from quantcli.bench.latency import (
     Progress,
+    compiled_greedy_step,
     current_rss_bytes,
     free_memory_bytes,
     kv_capacity_in_blocks,
@@ -53,6 +54,10 @@ class BenchParams:
     fast_paths: choose per phase what runs fastest (see :mod:`quantcli.bench.paths`): dense prefill
               for quantized linears from a measured token count, and with ``dtype="auto"`` the KV
               cache / prefill attention dtype per prompt length. False: kernels always, one dtype.
+    compile_decode: also time decode with a compiled step (``torch.compile`` over a static KV cache,
+              :func:`quantcli.bench.latency.compiled_greedy_step`) and use the faster of eager and
+              compiled per prompt length, both reported. Off by default: compiling costs a minute or
+              more per model on a small CPU. Not with the int8 KV cache (eager only).
     kv_bits:  None: as the input's spec says (``kv_bits 8`` → an int8 KV cache, see
               :mod:`quantcli.bench.kvcache`); 8: an int8 KV cache whatever the spec; 16: the cache in ``dtype``.
     """
@@ -71,6 +76,7 @@ class BenchParams:
     fast_paths: bool = True
     profile_steps: int = 0
     kv_bits: int | None = None
+    compile_decode: bool = False
 
 
 def parse_bytes(text: str) -> int:
@@ -177,13 +183,16 @@ def bench_model(
     """
     device = torch.device(params.device)
     make_cache = (lambda: int8_kv_cache(model.config)) if int8_kv else None
-    profile = None
+    profile, step = None, None
     if params.profile_steps:
-        profile = lambda length: profile_phases(model, length, params.profile_steps, device, params.seed, params.batch)  # noqa: E731
+        profile = lambda length, step: profile_phases(model, length, params.profile_steps, device, params.seed, params.batch, step)  # noqa: E731
+    if params.compile_decode and not int8_kv:
+        torch.compiler.reset()  # each model compiles afresh: no stale graphs, no recompile limit shared
+        step = compiled_greedy_step(model)
     rows = measure_prefill_decode(
         model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
-        configure=configure, profile=profile, make_cache=make_cache,
+        configure=configure, profile=profile, make_cache=make_cache, compiled_step=step,
     )
     if configure is not None:
         configure(None)  # back to the serving dtype before sizing weights and KV cache

@@ -30,6 +30,8 @@ EPILOG = """Examples:
 
   quant bench rtn4/ --baseline bf16 --plot latency.png
 
+  quant bench rtn4/ --baseline fp32 --compile-decode   (eager and compiled decode, the faster one used)
+
   quant bench w8a8kv8/ --baseline bf16   (the artifact's --kv-bits 8: an int8 KV cache in the timed path)
 
   quant bench rtn4/ --kv-bits 8   (an int8 KV cache for any model; its capacity beside the fp cache's)
@@ -52,7 +54,8 @@ def _mb(n: float) -> str:
 
 def _latency_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    for col in ("prompt", "TTFT ms (min–max)", "prefill tok/s", "decode ms/tok (min–max)", "decode tok/s"):
+    runtimes = any("decode_path" in r for r in rows)
+    for col in ("prompt", "TTFT ms (min–max)", "prefill tok/s", "decode ms/tok (min–max)", "decode tok/s") + (("decode runs",) if runtimes else ()):
         table.add_column(col, justify="right")
     for r in rows:
         decode = "–" if "decode_ms" not in r else f"{r['decode_ms']:.2f} ({r['decode_ms_min']:.2f}–{r['decode_ms_max']:.2f})"
@@ -62,8 +65,19 @@ def _latency_table(title: str, rows: list[dict]) -> Table:
             f"{r['prefill_tok_s']:,.0f}",
             decode,
             f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "–",
+            *((_decode_runtimes(r),) if runtimes else ()),
         )
     return table
+
+
+def _decode_runtimes(row: dict) -> str:
+    """The decode runtime chosen and what the other measured (or why it could not run)."""
+    if "decode_path" not in row:
+        return "eager"
+    compiled = row["decode_compiled"]
+    other = f"compile failed: {compiled['error']}" if "error" in compiled else (
+        f"eager {row['decode_eager']['decode_ms']:.2f}" if row["decode_path"] == "compiled" else f"compiled {compiled['decode_ms']:.2f}")
+    return f"{row['decode_path']} ({other})"
 
 
 def _profile_table(title: str, rows: list[dict]) -> Table:
@@ -164,6 +178,7 @@ def bench_command(
     seed: opt.Seed = 0,
     profile_steps: Annotated[int, typer.Option("--profile-steps", help="After timing each prompt length, profile one prefill and this many decode steps: time in linears, attention, dequantization and the rest.", min=0)] = 0,
     kv_bits: Annotated[Optional[int], typer.Option("--kv-bits", help="KV cache storage: 8 = int8 per head and token (quantized on append), 16 = the --dtype cache. Default: as the artifact's spec (--kv-bits 8 → int8).", show_default=False)] = None,
+    compile_decode: Annotated[bool, typer.Option("--compile-decode", help="Also time decode through torch.compile over a static KV cache (the model and any baseline alike) and report the faster runtime per prompt length, both shown. Compiling takes a minute or more per model on a small CPU.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write a PNG of TTFT and decode latency against prompt length (needs the 'plot' extra: matplotlib).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     quiet: opt.Quiet = False,
@@ -182,6 +197,7 @@ def bench_command(
         device=str(resolve_device(device)), dtype=dtype,
         memory_budget=parse_bytes(memory_budget) if memory_budget is not None else None,
         baseline=baseline, threads=threads, seed=seed, profile_steps=profile_steps, kv_bits=kv_bits,
+        compile_decode=compile_decode,
     )
     with status("loading model", quiet):
         loaded = load_input(source, device="cpu")
