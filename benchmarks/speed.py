@@ -13,7 +13,10 @@ weights instead (for a machine without the model package; latency is the same, t
 Then the w4 model (quant bench's fastest paths: int4 kernel for decode, dequantize-per-call + dense
 bf16 for prefill from a measured token count, attention / KV-cache dtype per prompt length) and the
 unquantized model in fp32 and in bf16 are timed one after another, each profiled at every prompt
-length with its own paths (linears vs attention vs dequantization vs the rest; a table per phase). The JSON records the machine, its load
+length with its own paths (linears vs attention vs dequantization vs the rest; a table per phase).
+Decode is timed eagerly and through a compiled step (``quant bench --compile-decode``: torch.compile
+over a static KV cache) for every model alike, and each uses its faster runtime per prompt length
+(``--no-compile-decode``: eager only). The JSON records the machine, its load
 before and after, every choice, and whether each target was met:
 
 * w4 decode ≥ 2× fp32 and ≥ 1.2× bf16 at every prompt length;
@@ -21,14 +24,17 @@ before and after, every choice, and whether each target was met:
 
 For every missed target the JSON's ``why_missed`` gives the bound the profile sets: the time the
 quantized model spends outside its quantized linears and their unpacking (attention, norms,
-embeddings, Python), and the ratio it would reach were those linears free. ``--explain`` adds it to
-an existing JSON. With a weight-activation (W8A8) artifact the target is prefill faster than fp32.
+embeddings, Python), and the ratio it would reach were those linears free; for time to first token
+also the ratio were they exactly as fast as the bf16 baseline's dense matmuls (a W4A16 GEMM does
+the same bf16 multiply-adds). ``--explain`` adds it to an existing JSON. With a weight-activation (W8A8) artifact the target is prefill faster than fp32.
 
 Compare only numbers from one run: on a shared machine the load changes between runs.
 
 ``--micro`` times no whole model: per SmolLM2 linear shape (random w4g64 weights) the int4 kernel,
-the dense path (fused unpack + bf16 matmul; the eager five-pass unpack next to it), a bf16 and an
-fp32 linear at 1 row and at every prompt length, and attention per prompt length in bf16 and fp32;
+the dense path (fused unpack + bf16 matmul; the eager five-pass unpack next to it), inductor's
+int4 GEMM (max-autotune with the weight frozen: its AMX weight-only template or the ATen kernel,
+whichever it times faster; one compile per shape and row count), a bf16 and an fp32 linear at 1
+row and at every prompt length, and attention per prompt length in bf16 and fp32;
 then sums them over the model's 210 linears. Short calls, fastest of a few, by default one thread:
 the figures that decisions rest on when the machine is too loaded for whole-model numbers. The
 file records the load average around the run.
@@ -48,6 +54,7 @@ import torch
 from _compare import compare, machine, print_table, save_random_model, write_plot
 from _quant import ROOT, quant, rel
 
+from quantcli.bench.latency import fastest_ms
 from quantcli.bench.run import BenchParams
 
 SMOLLM2 = dict(  # SmolLM2-135M (shared/DATA.md)
@@ -102,6 +109,27 @@ def explain_misses(result: dict) -> dict:
                 "untouched_ms": round(rest_ms, 2), "linears_and_unpack_ms": round(timed_q - rest_ms, 2),
                 "reachable_by_kernels": bound >= check["target"],
             }
+            if phase == "decode" and "profile" in b:  # one token: the linears stream their weights from memory
+                base_prof = b["profile"]["decode_per_step"]
+                base_linears = timed_b * base_prof["matmul_ms"] / base_prof["wall_ms"]
+                base_bytes = result["baselines"][base]["weight_bytes"]  # SmolLM2 ties lm_head: every byte is read per step
+                gb_s = base_bytes / base_linears / 1e6
+                ideal = result["weight_bytes"] / gb_s / 1e6
+                at_bandwidth = timed_b / (rest_ms + ideal)
+                out[length][key].update({
+                    "baseline_linears_gb_s": round(gb_s, 1),
+                    "quantized_linears_ms_at_that_bandwidth": round(ideal, 2),
+                    "bound_if_linears_read_at_baselines_bandwidth": round(at_bandwidth, 3),
+                })
+            if phase == "ttft" and "profile" in b:  # a W4A16 GEMM does the baseline's bf16 matmul work
+                base_prof = b["profile"]["prefill"]
+                base_linears = timed_b * base_prof["matmul_ms"] / base_prof["wall_ms"]
+                as_bf16 = timed_b / (rest_ms + base_linears)
+                out[length][key].update({
+                    "baseline_linears_ms": round(base_linears, 2),
+                    "bound_if_linears_as_fast_as_baselines": round(as_bf16, 3),
+                    "needs_int4_gemm_faster_than_dense": as_bf16 < check["target"],
+                })
     return out
 
 
@@ -111,6 +139,13 @@ def print_misses(result: dict) -> None:
             verdict = "a faster kernel could reach it" if m["reachable_by_kernels"] else "out of the kernels' reach"
             print(f"missed @{length} {key} {m['ratio']:.2f} < {m['target']}: {m['untouched_ms']:.1f} ms outside the quantized "
                   f"linears; even free linears give {m['bound_if_linears_free']:.2f} ({verdict})")
+            if "bound_if_linears_read_at_baselines_bandwidth" in m:
+                print(f"    were the quantized linears to read their weights at the baseline's {m['baseline_linears_gb_s']:.1f} GB/s "
+                      f"({m['quantized_linears_ms_at_that_bandwidth']:.1f} ms): {m['bound_if_linears_read_at_baselines_bandwidth']:.2f}")
+            if "bound_if_linears_as_fast_as_baselines" in m:
+                print(f"    with the w4 linears exactly as fast as the baseline's dense ones ({m['baseline_linears_ms']:.1f} ms): "
+                      f"{m['bound_if_linears_as_fast_as_baselines']:.2f}"
+                      + (": it needs an int4 GEMM faster than the dense bf16 one" if m["needs_int4_gemm_faster_than_dense"] else ""))
 
 
 PHASES = ("wall_ms", "matmul_ms", "attention_ms", "dequantize_ms", "other_ms")
@@ -139,6 +174,52 @@ SMOLLM2_LINEARS = {"q_proj,o_proj": ((576, 576), 2), "k_proj,v_proj": ((192, 576
                    "gate_proj,up_proj": ((1536, 576), 2), "down_proj": ((576, 1536), 1)}
 
 
+def inductor_int4_ms(packed: torch.Tensor, scale_and_zero: torch.Tensor, group: int, x: torch.Tensor, reps: int) -> tuple[float | None, str]:
+    """Fastest ms of ``aten._weight_int4pack_mm_for_cpu(x, packed, …)`` compiled by inductor with
+    max-autotune and frozen weights, which offers its AMX int4 weight-only GEMM template (it
+    dequantizes tiles of the packed weight into AMX registers inside the GEMM) beside the ATen
+    kernel and keeps whichever it timed faster; ``(None, why)`` where it does not compile. The
+    weight must be a constant of the graph (freezing), so this is one compile per weight and row
+    count: fine for a probe, not for a model's 210 linears at every prompt length."""
+    import torch._inductor.config as inductor_config
+
+    class Int4Mm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("packed", packed.clone())
+            self.register_buffer("scale_and_zero", scale_and_zero.clone())
+
+        def forward(self, a):
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed, group, self.scale_and_zero)
+
+    module = Int4Mm()
+    try:
+        with inductor_config.patch(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", freezing=True), torch.no_grad():
+            torch.compiler.reset()
+            compiled = torch.compile(module, dynamic=False)
+            got, want = compiled(x), module(x)
+            if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                return None, "compiled result differs from the ATen kernel"
+            return fastest_ms(lambda: compiled(x), reps), ""
+    except Exception as err:  # no C++ compiler, no AMX template for this shape, …
+        return None, (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def decode_bandwidth(shapes: dict, group: int = 64) -> dict:
+    """Weight bytes each format streams when every linear of ``shapes`` (micro's rows, keyed
+    ``"names [NxK]"`` with a ``count``) runs one row in turn, and the GB/s that
+    ``decode_all_layers_ms`` makes of them: w4 = packed nibbles + bf16 (scale, offset) per group."""
+    bytes_ = {"w4_int4": 0, "bf16": 0, "fp32": 0}
+    ms = {key: 0.0 for key in bytes_}
+    for name, row in shapes.items():
+        n, k = map(int, name.rsplit("[", 1)[1].rstrip("]").split("x"))
+        per = {"w4_int4": n * k // 2 + (k // group) * n * 2 * 2, "bf16": n * k * 2, "fp32": n * k * 4}
+        for key in bytes_:
+            bytes_[key] += per[key] * row["count"]
+            ms[key] += row["decode_all_layers_ms"][key]
+    return {key: {"bytes": bytes_[key], "ms": round(ms[key], 2), "gb_s": round(bytes_[key] / ms[key] / 1e6, 2)} for key in bytes_}
+
+
 def micro(lens: list[int], threads: int, reps: int) -> dict:
     """Per-shape and whole-model sums of linear and attention times (see the module docstring)."""
     from transformers import LlamaConfig
@@ -146,7 +227,6 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
     import copy
 
     from quantcli.bench.kernels import Int4WeightOnlyLinear, fused_unpacker, unpack_cpu_int4pack
-    from quantcli.bench.latency import fastest_ms
     from quantcli.bench.paths import time_attention
     from quantcli.quant import QuantSpec, quantize_weight
 
@@ -155,7 +235,8 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
     unpack, how = fused_unpacker()
     gen = torch.Generator().manual_seed(0)
     counts = [1, *lens]
-    shapes, totals = {}, {m: {"w4_int4": 0.0, "w4_dense": 0.0, "w4_dense_parts": 0.0, "w4_best": 0.0, "bf16": 0.0, "bf16_kn": 0.0, "fp32": 0.0} for m in counts}
+    shapes, totals = {}, {m: {"w4_int4": 0.0, "w4_dense": 0.0, "w4_dense_parts": 0.0, "w4_inductor": 0.0, "w4_best": 0.0, "bf16": 0.0, "bf16_kn": 0.0, "fp32": 0.0} for m in counts}
+    inductor_failures = {}
     unpack_total = {"eager_ms": 0.0, "fused_ms": 0.0}
     decode = {"w4_int4": 0.0, "bf16": 0.0, "fp32": 0.0}  # one row through every layer's own weights
     layers = SMOLLM2["num_hidden_layers"]
@@ -186,7 +267,12 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
                 # the dense path timed in its two parts: calls longer than a scheduler slice are
                 # preempted on a loaded machine, so the whole call's minimum overstates it there
                 t["w4_dense_parts"] = row["unpack_fused_ms"] + t["bf16_kn"]
-                t["w4_best"] = min(t["w4_int4"], t["w4_dense"], t["w4_dense_parts"])
+                with torch.inference_mode(False):
+                    inductor_ms, why = inductor_int4_ms(layer.packed, layer.scale_and_zero, 64, xb.clone(), r)
+                if inductor_ms is None:
+                    inductor_failures[f"{names} [{n}x{k}] x {m}"] = why
+                t["w4_inductor"] = inductor_ms if inductor_ms is not None else float("nan")
+                t["w4_best"] = min(v for v in (t["w4_int4"], t["w4_dense"], t["w4_dense_parts"], inductor_ms) if v is not None)
                 t["fp32"] = fastest_ms(lambda: torch.nn.functional.linear(x, w32), r)
                 row[str(m)] = {key: round(v, 4) for key, v in t.items()}
                 for key, v in t.items():
@@ -244,9 +330,13 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
         "model_unpack_ms": {k: round(v, 2) for k, v in unpack_total.items()},
         "attention_ms_all_layers": attention,
         "decode_linears_all_layers_ms": {k: round(v, 2) for k, v in decode.items()},
+        "decode_linears_bandwidth": decode_bandwidth(shapes),
         "lm_head_ms": {k: round(v, 3) for k, v in lm_head.items()},
         "estimate": estimate,
-        "estimate_note": "linears (w4: the fastest of int4 kernel, dense path, dense path as unpack + matmul timed apart, per shape) + attention (w4: the faster "
+        "inductor_int4": "w4_inductor: aten._weight_int4pack_mm_for_cpu compiled by inductor (max-autotune, frozen "
+                         "weight): its AMX int4 weight-only GEMM template or the ATen kernel, whichever it timed faster",
+        "inductor_failures": inductor_failures,
+        "estimate_note": "linears (w4: the fastest of int4 kernel, dense path, dense path as unpack + matmul timed apart, inductor's int4 GEMM, per shape) + attention (w4: the faster "
                          "dtype) + lm_head for decode; norms, RoPE, embedding and Python overhead are left out",
         "machine": machine(),
     }
@@ -255,13 +345,15 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
 def print_micro(res: dict) -> None:
     print(f"unpack of all 210 linears: eager {res['model_unpack_ms']['eager_ms']:.1f} ms, "
           f"fused {res['model_unpack_ms']['fused_ms']:.1f} ms ({res['unpack']})")
-    cols = ("w4_int4", "w4_dense", "w4_dense_parts", "w4_best", "bf16", "bf16_kn", "fp32")
+    cols = ("w4_int4", "w4_dense", "w4_dense_parts", "w4_inductor", "w4_best", "bf16", "bf16_kn", "fp32")
     print(" ".join(f"{c:>14}" for c in ("rows",) + cols) + "  (ms, 210 linears; bf16_kn: weight stored [K, N])")
     for m, t in res["model_linears_ms"].items():
         print(f"{m:>14} " + " ".join(f"{t[k]:>14.1f}" for k in cols))
     for m, t in res["attention_ms_all_layers"].items():
         print(f"attention @{m}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     print(f"decode, all 210 linears in turn (ms): {res['decode_linears_all_layers_ms']}; lm_head {res['lm_head_ms']}")
+    print("decode weight streaming: " + ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB in {v['ms']:.1f} ms = {v['gb_s']:.1f} GB/s"
+                                                 for k, v in res["decode_linears_bandwidth"].items()))
     for m, e in res["estimate"].items():
         print(f"estimate @{m}: TTFT w4/bf16 {e['prefill_ms']['w4']:.0f}/{e['prefill_ms']['bf16']:.0f} ms ({e['ttft_vs_bf16']:.2f}×), "
               f"decode w4/fp32/bf16 {e['decode_ms']['w4']:.1f}/{e['decode_ms']['fp32']:.1f}/{e['decode_ms']['bf16']:.1f} ms "
@@ -290,6 +382,7 @@ def main() -> None:
         path = Path(args.out or ROOT / "benchmarks" / "results" / "speed.json")
         result = json.loads(path.read_text())
         result["why_missed"] = explain_misses(result)
+        result["why_missed_command"] = "python benchmarks/speed.py " + " ".join(sys.argv[1:])  # recomputed from this file's data
         path.write_text(json.dumps(result, indent=1))
         print_misses(result)
         return
