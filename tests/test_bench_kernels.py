@@ -311,13 +311,16 @@ def _multipass_dense_weight(layer: Int4WeightOnlyLinear) -> torch.Tensor:
     ],
     ids=lambda v: v.label() if isinstance(v, QuantSpec) else ("g_idx" if v else "in-order"),
 )
-def test_fused_unpack_equals_multipass_bit_for_bit(spec: QuantSpec, act_order: bool) -> None:
-    """Catches a fused unpacker that swaps nibbles or block rows, drops the bf16 rounding of the
-    shift, rounds ``q·scale`` before adding, or reads a permuted (g_idx) layout in the wrong order."""
+def test_every_unpacker_equals_multipass_bit_for_bit(spec: QuantSpec, act_order: bool) -> None:
+    """Each unpacker this machine runs (native AVX-512 loop, torch.compile'd, eager) and the model's
+    own dense weight equal the five-pass reference bit for bit. Catches an unpacker that swaps
+    nibbles or block rows, drops the bf16 rounding of the shift, rounds ``q·scale`` before adding,
+    reads the scale/offset halves the wrong way round, or reads a permuted (g_idx) layout in the
+    wrong order."""
     _, how = kernels.fused_unpacker()
     if "torch.compile failed" in how:
         pytest.skip(f"no compiler for torch.compile here: {how}")
-    assert how == kernels.UNPACK_FUSED  # not a fallback because the compiled unpacker disagreed
+    assert how in (kernels.UNPACK_NATIVE, kernels.UNPACK_FUSED)  # not a fallback because one disagreed
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(192, 256, generator=gen) * torch.rand(192, 1, generator=gen)
     qw = quantize_weight(w, spec)
@@ -327,12 +330,28 @@ def test_fused_unpack_equals_multipass_bit_for_bit(spec: QuantSpec, act_order: b
     layer = Int4WeightOnlyLinear.from_quantized(qw)
     assert (layer.perm is not None) == act_order
     ref = _multipass_dense_weight(layer)
+    for name, unpack in kernels.unpackers().items():
+        got = unpack(layer.packed, layer.scale_and_zero, layer.group_size).t()
+        assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), ref.view(torch.int16)), name
     fused = layer.dense_weight()
     assert fused.dtype == torch.bfloat16 and torch.equal(fused.view(torch.int16), ref.view(torch.int16))
     # and the dense path still computes the quantized layer (columns in kernel order)
     x = torch.randn(3, 256, generator=gen)
     cols = x if layer.perm is None else x[:, layer.perm]
     assert rel_err(cols.bfloat16().float() @ fused.float().t(), x @ qw.dequantize().t()) < BF16_TOL
+
+
+def test_the_native_unpacker_runs_where_the_cpu_has_avx512_bf16() -> None:
+    """Where the CPU has AVX-512 BF16 and a C compiler is installed, the dense prefill path uses the
+    native unpacker: catches a build or load that fails silently (the slower unpackers would hide it)."""
+    import shutil
+
+    from quantcli.bench import native
+
+    if not (native._cpu_has_avx512_bf16() and shutil.which("cc")):
+        pytest.skip("no AVX-512 BF16 or no C compiler here: the compiled unpacker is used")
+    assert native.native_status() == ""
+    assert kernels.fused_unpacker()[1] == kernels.UNPACK_NATIVE
 
 
 def test_dense_choice_probed_at_the_lengths_run(monkeypatch) -> None:

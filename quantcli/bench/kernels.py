@@ -19,7 +19,8 @@ badly to the device's dense bf16 matmul on many tokens (on CPUs with AMX the int
 slower at 1000 tokens). :func:`choose_dense_threshold` times both on each weight shape once, at the
 token counts that will run (every prompt length); from the measured token count on, a layer
 dequantizes its packed weight to bf16 once per call, in one fused pass (:func:`unpack_cpu_int4pack`
-compiled by :func:`fused_unpacker`), and runs the dense matmul (``dequant-per-call+dense``). The
+in a native AVX-512 loop or compiled by torch.compile, whichever :func:`fused_unpacker` finds),
+and runs the dense matmul (``dequant-per-call+dense``). The
 weight stays packed in memory, no dense copy is cached; every choice, with the timings behind it,
 and how the unpacking ran, is in :class:`KernelReport`.
 
@@ -51,7 +52,8 @@ DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense
 DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
 DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
 INT8_LABEL = "quantcli::int8_linear"  # torch.profiler label of a whole W8A8 call (quantize, int8 GEMM, epilogue)
-UNPACK_FUSED = "one fused pass (torch.compile)"  # how the dense prefill path unpacks int4 weights
+UNPACK_NATIVE = "one AVX-512 pass (native C, built with cc)"  # how the dense prefill path unpacks int4 weights
+UNPACK_FUSED = "one fused pass (torch.compile)"
 UNPACK_EAGER = "eager, five passes"
 
 
@@ -198,6 +200,14 @@ def unpack_cpu_int4pack(packed: Tensor, scale: Tensor, shift: Tensor, group: int
     return torch.addcmul(shift[:, None, :], q.to(KERNEL_DTYPE), scale[:, None, :]).view(k, n)
 
 
+def unpack_scale_and_zero(packed: Tensor, scale_and_zero: Tensor, group: int) -> Tensor:
+    """:func:`unpack_cpu_int4pack` from the kernel's own ``scale_and_zero`` bf16 ``[K/G, N, 2]``
+    (``w = scale·(q − 8) + offset``): ``shift = offset − 8·scale`` in float32, rounded to bf16."""
+    scale, offset = scale_and_zero.unbind(-1)
+    shift = (offset.float() - 8 * scale.float()).to(KERNEL_DTYPE)
+    return unpack_cpu_int4pack(packed, scale, shift, group)
+
+
 def checked_compile(fn: Callable, dynamic: bool, agrees: Callable[[Callable], bool]) -> tuple[Callable, str]:
     """``(torch.compile(fn), "")`` when the compiled function runs and ``agrees(compiled)`` holds on
     the caller's probe, else ``(fn, why not)``: no C++ compiler, an unsupported build, or a
@@ -213,21 +223,50 @@ def checked_compile(fn: Callable, dynamic: bool, agrees: Callable[[Callable], bo
 _FUSED: dict[str, object] = {}  # "fn": the unpacker in use, "how": what it is (for the report)
 
 
+def _probe_weight() -> tuple[Tensor, Tensor]:
+    """A small packed weight (64 × 64, group 64) and its ``scale_and_zero``, to check an unpacker."""
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (64, 32), dtype=torch.uint8, generator=gen)
+    scale_and_zero = torch.stack([torch.rand(1, 64, generator=gen), torch.randn(1, 64, generator=gen)], -1)
+    return packed, scale_and_zero.to(KERNEL_DTYPE).contiguous()
+
+
+def unpackers() -> dict[str, Callable[..., Tensor]]:
+    """Every int4 unpacker this machine can run, fastest first, each ``fn(packed, scale_and_zero,
+    group) → wᵀ [K, N]`` bf16: the native AVX-512 loop (:mod:`quantcli.bench.native`) where it
+    builds, :func:`unpack_scale_and_zero` compiled by ``torch.compile`` where inductor works (once
+    per weight shape on first use, cached on disk by torch; past dynamo's recompile limit of 8
+    shapes torch runs it eagerly, same bits), and the eager five-pass reference."""
+    from quantcli.bench import native
+
+    out: dict[str, Callable[..., Tensor]] = {}
+    if not native.native_status():
+        out[UNPACK_NATIVE] = native.unpack_int4
+    packed, scale_and_zero = _probe_weight()
+    # static shapes: one compile per weight shape (dynamic shapes compiled 20× slower code)
+    fn, why = checked_compile(unpack_scale_and_zero, False, lambda compiled: torch.equal(
+        compiled(packed, scale_and_zero, 64), unpack_scale_and_zero(packed, scale_and_zero, 64)))
+    if not why:
+        out[UNPACK_FUSED] = fn
+    out[UNPACK_EAGER] = unpack_scale_and_zero
+    return out
+
+
 def fused_unpacker() -> tuple[Callable[..., Tensor], str]:
-    """``(unpack, how)``: :func:`unpack_cpu_int4pack` compiled into one fused pass by
-    ``torch.compile`` (inductor; compiled once per weight shape on first use, cached on disk by
-    torch; past dynamo's recompile limit of 8 shapes torch runs it eagerly, same bits), or, where it
-    cannot compile (no C++ compiler, an unsupported build), the eager five-pass version, with
-    ``how`` saying which and why. Decided once per process, on a small probe weight."""
+    """``(unpack, how)``: the fastest of :func:`unpackers` whose bits equal the eager reference's
+    on a probe weight, with ``how`` saying which (and, for the eager one, why no faster one ran).
+    Decided once per process."""
     if "fn" not in _FUSED:
-        gen = torch.Generator().manual_seed(0)
-        packed = torch.randint(0, 256, (64, 32), dtype=torch.uint8, generator=gen)
-        scale = torch.rand(1, 64, generator=gen).to(KERNEL_DTYPE)
-        shift = torch.randn(1, 64, generator=gen).to(KERNEL_DTYPE)
-        # static shapes: one compile per weight shape (dynamic shapes compiled 20× slower code)
-        fn, why = checked_compile(unpack_cpu_int4pack, False, lambda compiled: torch.equal(
-            compiled(packed, scale, shift, 64), unpack_cpu_int4pack(packed, scale, shift, 64)))
-        _FUSED.update(fn=fn, how=f"{UNPACK_EAGER} ({why})" if why else UNPACK_FUSED)
+        from quantcli.bench import native
+
+        packed, scale_and_zero = _probe_weight()
+        reference = unpack_scale_and_zero(packed, scale_and_zero, 64)
+        for how, fn in unpackers().items():
+            if how == UNPACK_EAGER or torch.equal(fn(packed, scale_and_zero, 64).view(torch.int16), reference.view(torch.int16)):
+                break
+        if how == UNPACK_EAGER:
+            how = f"{UNPACK_EAGER} (native: {native.native_status() or 'differed from the reference'}; torch.compile unavailable or differed)"
+        _FUSED.update(fn=fn, how=how)
     return _FUSED["fn"], _FUSED["how"]
 
 
@@ -311,14 +350,12 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The dequantized weight ``[N, K]`` in bf16 (columns in kernel order, i.e. permuted by ``perm``),
-        a transposed view of :func:`unpack_cpu_int4pack`'s ``[K, N]``, made in one fused pass where
-        :func:`fused_unpacker` compiles. It lives only for the call that asked for it: no dense copy
+        a transposed view of :func:`unpack_cpu_int4pack`'s ``[K, N]``, made in one pass by the
+        unpacker :func:`fused_unpacker` chose. It lives only for the call that asked for it: no dense copy
         is kept (the transient peak is one layer's bf16 weight)."""
-        scale, offset = self.scale_and_zero.unbind(-1)  # [K/G, N] each: w = scale·(q − 8) + offset
-        shift = (offset.float() - 8 * scale.float()).to(KERNEL_DTYPE)  # [K/G, N]: 1/G of the weight
         unpack, _ = fused_unpacker()
         with torch.profiler.record_function(DEQUANT_LABEL):
-            return unpack(self.packed, scale, shift, self.group_size).t()
+            return unpack(self.packed, self.scale_and_zero, self.group_size).t()
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = _flatten(x, self.perm)

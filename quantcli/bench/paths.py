@@ -27,6 +27,7 @@ from quantcli.bench.kernels import DEQUANT_LABEL, INT8_LABEL, KERNEL_MODULES, Ke
 from quantcli.bench.latency import (
     _attention_geometry,
     _forward_kwargs,
+    cache_kwarg,
     fastest_ms,
     position_kwargs,
     static_cache,
@@ -265,7 +266,7 @@ def profile_phases(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
-    extra = _forward_kwargs(model)
+    extra, cache_name = _forward_kwargs(model), cache_kwarg(model)
     out = {}
     with torch.inference_mode():
         for phase in ("prefill", "decode_per_step"):
@@ -280,7 +281,7 @@ def profile_phases(
             elif decode_step is not None:
                 static = static_cache(model, length + steps + 1)
                 positions = position_kwargs(model, torch.arange(length, device=device))
-                token = model(input_ids=ids, use_cache=True, past_key_values=static, **positions, **extra
+                token = model(input_ids=ids, use_cache=True, **{cache_name: static}, **positions, **extra
                               ).logits[:, -1].argmax(-1, keepdim=True)
                 token = decode_step(token, torch.tensor([length], device=device), static)  # compiled before: untimed
                 with profile(activities=activities) as prof:
@@ -294,7 +295,7 @@ def profile_phases(
                 with profile(activities=activities) as prof:
                     t0 = time.perf_counter()
                     for _ in range(steps):
-                        res = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+                        res = model(input_ids=token, use_cache=True, **{cache_name: cache}, **extra)
                         cache, token = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
                     synchronize(device)
                     wall = time.perf_counter() - t0
