@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import conftest
 import pytest
@@ -381,3 +382,16 @@ def test_dense_choice_probed_at_the_lengths_run(monkeypatch) -> None:
     # twice the batch: every probe doubles
     assert {200, 2000, 4000, 8000} <= set(dense_probe_tokens(BenchParams(prompt_lens=(100, 1000, 2000, 4000), batch=2)))
     del gen
+
+
+def test_native_unpacker_builds_in_a_temporary_directory_when_the_cache_cannot_be_made(monkeypatch, tmp_path) -> None:
+    """A cache directory that cannot be made (a read-only home, as on some CI runners) must not
+    cost the native unpacker: it builds under the temporary directory instead. Catches a cache
+    directory used without checking that it can be made."""
+    from quantcli.bench import native
+
+    blocked = tmp_path / "home"
+    blocked.write_text("a file where the cache's parent should be: no directory can be made under it, even as root")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / ".cache"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native._cache_dir() == tmp_path / "tmp" / f"quantcli-{os.getuid()}"

@@ -14,7 +14,7 @@ block and input column, 32 bytes in, 64 bf16 out, contiguous; blocks split acros
 (torch's own libgomp, so ``torch.set_num_threads`` applies).
 
 The C source is compiled on first use with the system C compiler (``cc``, as torch.compile's
-inductor does) into a cache directory, keyed by its hash, and loaded with ctypes. Where there is
+inductor does) into a cache directory (:func:`_cache_dir`), keyed by its hash, and loaded with ctypes. Where there is
 no compiler or no AVX-512 (with BF16), :func:`native_status` says why and callers use the
 torch.compile'd unpacker instead.
 """
@@ -80,8 +80,17 @@ _STATE: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/quantcli`` (``~/.cache/quantcli``), or a per-user temporary directory where
+    that cannot be created (a read-only home, as on some CI runners)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "quantcli"
+    for path in (Path(root) / "quantcli", Path(tempfile.gettempdir()) / f"quantcli-{os.getuid()}"):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            return path
+    return Path(tempfile.mkdtemp(prefix="quantcli-"))
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -97,7 +106,6 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib = _cache_dir() / f"unpack_int4_{digest}.so"
     if not lib.exists():
         try:
-            lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
                 src, built = Path(tmp) / "unpack_int4.c", Path(tmp) / lib.name
                 src.write_text(SOURCE)
