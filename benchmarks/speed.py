@@ -226,7 +226,7 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
 
     import copy
 
-    from quantcli.bench.kernels import Int4WeightOnlyLinear, fused_unpacker, unpack_cpu_int4pack
+    from quantcli.bench.kernels import Int4WeightOnlyLinear, fused_unpacker, unpack_scale_and_zero
     from quantcli.bench.paths import time_attention
     from quantcli.quant import QuantSpec, quantize_weight
 
@@ -244,13 +244,11 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
         for names, ((n, k), per_layer) in SMOLLM2_LINEARS.items():
             w = torch.randn(n, k, generator=gen) * 0.02
             layer = Int4WeightOnlyLinear.from_quantized(quantize_weight(w, QuantSpec(wbits=4, group=64)))
-            scale, offset = layer.scale_and_zero.unbind(-1)
-            shift = (offset.float() - 8 * scale.float()).to(torch.bfloat16)  # the eager reference's inputs
             # the baselines' nn.Linear layout: weight [N, K] contiguous (the dense path's is [K, N])
             w16, w32 = layer.dense_weight().contiguous(), layer.dense_weight().float().contiguous()
             w16_kn = w16.t().contiguous().t()  # the same weight stored [K, N], as the dense path makes it
             row = {"count": per_layer * layers,
-                   "unpack_eager_ms": fastest_ms(lambda: unpack_cpu_int4pack(layer.packed, scale, shift, 64), reps),
+                   "unpack_eager_ms": fastest_ms(lambda: unpack_scale_and_zero(layer.packed, layer.scale_and_zero, 64), reps),
                    "unpack_fused_ms": fastest_ms(lambda: unpack(layer.packed, layer.scale_and_zero, 64), reps)}
             for key in ("eager", "fused"):
                 unpack_total[f"{key}_ms"] += row[f"unpack_{key}_ms"] * row["count"]

@@ -32,7 +32,7 @@ activations) and the output is cast back to the input dtype. After swapping, mov
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -231,42 +231,38 @@ def _probe_weight() -> tuple[Tensor, Tensor]:
     return packed, scale_and_zero.to(KERNEL_DTYPE).contiguous()
 
 
-def unpackers() -> dict[str, Callable[..., Tensor]]:
-    """Every int4 unpacker this machine can run, fastest first, each ``fn(packed, scale_and_zero,
-    group) → wᵀ [K, N]`` bf16: the native AVX-512 loop (:mod:`quantcli.bench.native`) where it
-    builds, :func:`unpack_scale_and_zero` compiled by ``torch.compile`` where inductor works (once
-    per weight shape on first use, cached on disk by torch; past dynamo's recompile limit of 8
-    shapes torch runs it eagerly, same bits), and the eager five-pass reference."""
+def unpackers() -> Iterator[tuple[str, Callable[..., Tensor] | None, str]]:
+    """``(how, fn, why_not)`` for each int4 unpacker, fastest first, each tried only when the
+    caller asks for the next: ``fn(packed, scale_and_zero, group) → wᵀ [K, N]`` bf16, or None where
+    it cannot run here (``why_not`` says why). The native AVX-512 loop
+    (:mod:`quantcli.bench.native`); :func:`unpack_scale_and_zero` compiled by ``torch.compile``
+    (once per weight shape on first use, cached on disk by torch; past dynamo's recompile limit of
+    8 shapes torch runs it eagerly, same bits); and the eager five-pass reference, which always runs."""
     from quantcli.bench import native
 
-    out: dict[str, Callable[..., Tensor]] = {}
-    if not native.native_status():
-        out[UNPACK_NATIVE] = native.unpack_int4
+    why = native.native_status()
+    yield UNPACK_NATIVE, None if why else native.unpack_int4, why
     packed, scale_and_zero = _probe_weight()
     # static shapes: one compile per weight shape (dynamic shapes compiled 20× slower code)
     fn, why = checked_compile(unpack_scale_and_zero, False, lambda compiled: torch.equal(
         compiled(packed, scale_and_zero, 64), unpack_scale_and_zero(packed, scale_and_zero, 64)))
-    if not why:
-        out[UNPACK_FUSED] = fn
-    out[UNPACK_EAGER] = unpack_scale_and_zero
-    return out
+    yield UNPACK_FUSED, None if why else fn, why
+    yield UNPACK_EAGER, unpack_scale_and_zero, ""
 
 
 def fused_unpacker() -> tuple[Callable[..., Tensor], str]:
-    """``(unpack, how)``: the fastest of :func:`unpackers` whose bits equal the eager reference's
-    on a probe weight, with ``how`` saying which (and, for the eager one, why no faster one ran).
-    Decided once per process."""
+    """``(unpack, how)``: the first of :func:`unpackers` that runs and whose bits equal the eager
+    reference's on a probe weight, with ``how`` saying which (and, for the eager one, why no faster
+    one ran). Decided once per process; slower unpackers are not even built."""
     if "fn" not in _FUSED:
-        from quantcli.bench import native
-
         packed, scale_and_zero = _probe_weight()
-        reference = unpack_scale_and_zero(packed, scale_and_zero, 64)
-        for how, fn in unpackers().items():
-            if how == UNPACK_EAGER or torch.equal(fn(packed, scale_and_zero, 64).view(torch.int16), reference.view(torch.int16)):
+        reference = unpack_scale_and_zero(packed, scale_and_zero, 64).view(torch.int16)
+        reasons = []
+        for how, fn, why in unpackers():
+            if fn is not None and (how == UNPACK_EAGER or torch.equal(fn(packed, scale_and_zero, 64).view(torch.int16), reference)):
                 break
-        if how == UNPACK_EAGER:
-            how = f"{UNPACK_EAGER} (native: {native.native_status() or 'differed from the reference'}; torch.compile unavailable or differed)"
-        _FUSED.update(fn=fn, how=how)
+            reasons.append(f"{how}: {why or 'differed from the eager reference'}")
+        _FUSED.update(fn=fn, how=f"{how} ({'; '.join(reasons)})" if how == UNPACK_EAGER else how)
     return _FUSED["fn"], _FUSED["how"]
 
 

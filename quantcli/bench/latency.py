@@ -211,7 +211,7 @@ def generate_once(
     return prefill, steps
 
 
-def position_kwargs(model: nn.Module, positions: torch.Tensor) -> dict:
+def position_kwargs(model: nn.Module, positions: torch.Tensor | None) -> dict:
     """``{"cache_position": positions}`` where the model's forward takes it (transformers 4.x, where a
     static cache is written where it says), else ``{}`` (5.x: the cache counts its own tokens)."""
     return {"cache_position": positions} if "cache_position" in inspect.signature(model.forward).parameters else {}
@@ -222,9 +222,10 @@ def greedy_step(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, objec
     ``model`` over a preallocated (static) KV cache, the function :func:`compiled_greedy_step`
     compiles (the argmax inside, so the compiled step ends with the token)."""
     extra, name = _forward_kwargs(model), cache_kwarg(model)
+    position_names = tuple(position_kwargs(model, None))  # decided once, not per step
 
     def step(token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-        out = model(input_ids=token, use_cache=True, **position_kwargs(model, position), **{name: cache}, **extra)
+        out = model(input_ids=token, use_cache=True, **dict.fromkeys(position_names, position), **{name: cache}, **extra)
         return out.logits[:, -1].argmax(dim=-1, keepdim=True)
 
     return step
@@ -250,6 +251,15 @@ def static_cache(model: nn.Module, max_len: int):
     return StaticCache(config=model.config, max_cache_len=max_len)
 
 
+def prefill_static(model: nn.Module, ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, object]:
+    """Prefill ``ids: [batch, L]`` eagerly into a new static cache of ``max_len`` tokens; returns the
+    first greedy token ``[batch, 1]`` and the cache, ready for :func:`greedy_step`."""
+    cache = static_cache(model, max_len)
+    positions = position_kwargs(model, torch.arange(ids.shape[1], device=ids.device))
+    out = model(input_ids=ids, use_cache=True, **positions, **{cache_kwarg(model): cache}, **_forward_kwargs(model))
+    return out.logits[:, -1].argmax(dim=-1, keepdim=True), cache
+
+
 def decode_with_step(
     model: nn.Module, ids: torch.Tensor, gen: int, device: torch.device, step: Callable
 ) -> tuple[list[float], torch.Tensor]:
@@ -258,11 +268,7 @@ def decode_with_step(
     step (the prefill is not timed here: its time to first token is the eager one) and the tokens
     decoded, ``[batch, gen]``."""
     length = ids.shape[1]
-    cache = static_cache(model, length + gen)
-    extra, name = _forward_kwargs(model), cache_kwarg(model)
-    positions = position_kwargs(model, torch.arange(length, device=device))
-    out = model(input_ids=ids, use_cache=True, **positions, **{name: cache}, **extra)
-    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    token, cache = prefill_static(model, ids, length + gen)
     steps, tokens = [], []
     for i in range(gen):
         position = torch.tensor([length + i], device=device)

@@ -29,8 +29,7 @@ from quantcli.bench.latency import (
     _forward_kwargs,
     cache_kwarg,
     fastest_ms,
-    position_kwargs,
-    static_cache,
+    prefill_static,
     synchronize,
 )
 
@@ -279,10 +278,7 @@ def profile_phases(
                 cache, token = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
                 n = 1
             elif decode_step is not None:
-                static = static_cache(model, length + steps + 1)
-                positions = position_kwargs(model, torch.arange(length, device=device))
-                token = model(input_ids=ids, use_cache=True, **{cache_name: static}, **positions, **extra
-                              ).logits[:, -1].argmax(-1, keepdim=True)
+                token, static = prefill_static(model, ids, length + steps + 1)
                 token = decode_step(token, torch.tensor([length], device=device), static)  # compiled before: untimed
                 with profile(activities=activities) as prof:
                     t0 = time.perf_counter()
