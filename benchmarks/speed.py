@@ -10,7 +10,8 @@ bf16 on SmolLM2-135M, in ONE process, with a profile of where the time goes.
 Makes an RTN w4g64 artifact of the embedded SmolLM2-135M when none is given (kernel speed does not
 depend on how the codes were found). ``--random-weights`` builds the same architecture with random
 weights instead (for a machine without the model package; latency is the same, the text is not).
-Then the w4 model (quant bench's fastest paths: int4 kernel for decode, dequantize-per-call + dense
+Then the w4 model (quant bench's fastest paths: for decode the int4 kernel, ATen's or quantcli::int4_gemv,
+whichever measured faster per weight shape; dequantize-per-call + dense
 bf16 for prefill from a measured token count, attention / KV-cache dtype per prompt length) and the
 unquantized model in fp32 and in bf16 are timed one after another, each profiled at every prompt
 length with its own paths (linears vs attention vs dequantization vs the rest; a table per phase).
@@ -209,11 +210,13 @@ def decode_bandwidth(shapes: dict, group: int = 64) -> dict:
     """Weight bytes each format streams when every linear of ``shapes`` (micro's rows, keyed
     ``"names [NxK]"`` with a ``count``) runs one row in turn, and the GB/s that
     ``decode_all_layers_ms`` makes of them: w4 = packed nibbles + bf16 (scale, offset) per group."""
-    bytes_ = {"w4_int4": 0, "bf16": 0, "fp32": 0}
+    keys = next(iter(shapes.values()))["decode_all_layers_ms"]  # w4_gemv only where the native GEMV ran
+    bytes_ = {key: 0 for key in keys}
     ms = {key: 0.0 for key in bytes_}
     for name, row in shapes.items():
         n, k = map(int, name.rsplit("[", 1)[1].rstrip("]").split("x"))
-        per = {"w4_int4": n * k // 2 + (k // group) * n * 2 * 2, "bf16": n * k * 2, "fp32": n * k * 4}
+        w4 = n * k // 2 + (k // group) * n * 2 * 2
+        per = {"w4_int4": w4, "w4_gemv": w4, "bf16": n * k * 2, "fp32": n * k * 4}
         for key in bytes_:
             bytes_[key] += per[key] * row["count"]
             ms[key] += row["decode_all_layers_ms"][key]
@@ -226,6 +229,7 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
 
     import copy
 
+    from quantcli.bench.gemv import gemv_status
     from quantcli.bench.kernels import Int4WeightOnlyLinear, fused_unpacker, unpack_scale_and_zero
     from quantcli.bench.paths import time_attention
     from quantcli.quant import QuantSpec, quantize_weight
@@ -285,8 +289,12 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
                      "bf16": lambda: [torch.nn.functional.linear(xb, wi) for wi in ws16],
                      "fp32": lambda: [torch.nn.functional.linear(x, wi) for wi in ws32]}
             row["decode_all_layers_ms"] = {key: round(fastest_ms(fn, reps), 3) for key, fn in sweep.items()}
+            if not gemv_status():  # the same modules through quantcli::int4_gemv
+                for mod in mods:
+                    mod.gemv_upto = 1
+                row["decode_all_layers_ms"]["w4_gemv"] = round(fastest_ms(sweep["w4_int4"], reps), 3)
             for key, v in row["decode_all_layers_ms"].items():
-                decode[key] += v
+                decode[key] = decode.get(key, 0.0) + v
             del mods, ws16, ws32
             shapes[f"{names} [{n}x{k}]"] = row
         # lm_head (tied to the embedding, never quantized: bf16 in the w4 model and the bf16 baseline)
@@ -306,7 +314,7 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
         best_prefill = min(a["prefill_bfloat16_ms"], a["prefill_float32_ms"])
         best_decode = min(a["decode_bfloat16_ms"], a["decode_float32_ms"])
         w4_prefill, bf16_prefill = totals[m]["w4_best"] + best_prefill, totals[m]["bf16"] + a["prefill_bfloat16_ms"]
-        w4_dec = decode["w4_int4"] + lm_head["bf16"] + best_decode
+        w4_dec = min(decode["w4_int4"], decode.get("w4_gemv", float("inf"))) + lm_head["bf16"] + best_decode
         fp32_dec = decode["fp32"] + lm_head["fp32"] + a["decode_float32_ms"]
         bf16_dec = decode["bf16"] + lm_head["bf16"] + a["decode_bfloat16_ms"]
         estimate[str(m)] = {
@@ -334,7 +342,8 @@ def micro(lens: list[int], threads: int, reps: int) -> dict:
         "inductor_int4": "w4_inductor: aten._weight_int4pack_mm_for_cpu compiled by inductor (max-autotune, frozen "
                          "weight): its AMX int4 weight-only GEMM template or the ATen kernel, whichever it timed faster",
         "inductor_failures": inductor_failures,
-        "estimate_note": "linears (w4: the fastest of int4 kernel, dense path, dense path as unpack + matmul timed apart, inductor's int4 GEMM, per shape) + attention (w4: the faster "
+        "estimate_note": "linears (w4: the fastest of int4 kernel, dense path, dense path as unpack + matmul timed apart, inductor's int4 GEMM, per shape; "
+                         "decode: the faster of the ATen int4 kernel and quantcli::int4_gemv) + attention (w4: the faster "
                          "dtype) + lm_head for decode; norms, RoPE, embedding and Python overhead are left out",
         "machine": machine(),
     }

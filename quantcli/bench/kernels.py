@@ -11,6 +11,9 @@ Kernels used, all from ATen (no extra dependency):
   Per-channel only (one scale per output row), ``K`` a multiple of 16. ``w = (q − zero)·scale`` is stored as
   ``int8 = q − zero`` when that fits in ``[−128, 127]``; otherwise (8-bit asymmetric) as
   ``int8 = q − 128`` plus a per-row correction ``(128 − zero)·scale·Σx``.
+* ``quantcli::int4_gemv`` CPU decode: reads the same int4 pack as the ATen kernel, several rows per
+  call at most (:mod:`quantcli.bench.gemv`, native AVX-512 VNNI, built on first use); used per weight
+  shape up to the row count where it measured faster than the ATen kernel (:func:`choose_gemv`).
 * ``dequant-fp`` : a plain ``nn.Linear`` holding the dequantized weight, used for a layer no kernel
   can take; :class:`KernelReport` says which layers and why.
 
@@ -49,7 +52,9 @@ INT4_CUDA = "aten._weight_int4pack_mm"
 INT8 = "aten._weight_int8pack_mm"
 DEQUANT = "dequant-fp"
 DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense matmul (prefill)
+INT4_GEMV = "quantcli::int4_gemv"  # the native AVX-512 VNNI int4 matrix-vector kernel (CPU decode)
 DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
+GEMV_PROBE_ROWS = (1, 2, 4, 8)  # rows per call at which quantcli::int4_gemv and the ATen kernel are timed
 DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
 INT8_LABEL = "quantcli::int8_linear"  # torch.profiler label of a whole W8A8 call (quantize, int8 GEMM, epilogue)
 UNPACK_NATIVE = "one AVX-512 pass (native C, built with cc)"  # how the dense prefill path unpacks int4 weights
@@ -305,6 +310,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.kernel = INT4_CPU if packed.device.type == "cpu" else INT4_CUDA
         self.dense_from: int | None = None  # from this many rows on: dequantize + dense matmul
+        self.gemv_upto: int | None = None  # up to this many rows: quantcli::int4_gemv (CPU decode)
 
     @classmethod
     def from_quantized(
@@ -357,6 +363,8 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = _flatten(x, self.perm)
         if self.dense_from is not None and x2.shape[0] >= self.dense_from:
             y = nn.functional.linear(x2, self.dense_weight())
+        elif self.gemv_upto is not None and x2.shape[0] <= self.gemv_upto:
+            y = torch.ops.quantcli.int4_gemv(x2, self.packed, self.scale_and_zero, self.group_size)
         elif self.packed.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_and_zero)
         else:
@@ -366,7 +374,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         dense = f", dense from {self.dense_from} tokens" if self.dense_from is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{dense}"
+        gemv = f", {INT4_GEMV} up to {self.gemv_upto} tokens" if self.gemv_upto is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{dense}{gemv}"
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -465,11 +474,16 @@ class LayerKernel:
     reason: str = ""  # non-empty when a faster kernel was refused (always for dequant-fp)
     dense_from: int | None = None  # from this many tokens per call on: dequant-per-call+dense
     dense_reason: str = ""  # why that threshold (measured, or why there is no dense path)
+    gemv_upto: int | None = None  # up to this many tokens per call: quantcli::int4_gemv
+    gemv_reason: str = ""  # why (measured, or why the native GEMV does not run)
 
     def path(self, tokens: int) -> str:
-        """What runs a call with ``tokens`` rows: the kernel, or :data:`DENSE` from ``dense_from`` on."""
+        """What runs a call with ``tokens`` rows: :data:`DENSE` from ``dense_from`` on,
+        :data:`INT4_GEMV` up to ``gemv_upto``, else the kernel."""
         if self.dense_from is not None and tokens >= self.dense_from:
             return DENSE
+        if self.gemv_upto is not None and tokens <= self.gemv_upto:
+            return INT4_GEMV
         return self.kernel
 
 
@@ -480,6 +494,8 @@ class KernelReport:
     device: str
     layers: dict[str, LayerKernel] = field(default_factory=dict)
     shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: kernel vs dense timings
+    gemv_shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: ATen vs native GEMV timings
+    gemv: str = ""  # why quantcli::int4_gemv cannot run here ("" when it can or was not asked for)
     unpack: str = ""  # how the dense prefill path unpacks int4 weights ("" when no layer has that path)
     int8_forward: str = ""  # how the int8 GEMM's activation quantization and epilogue run ("" without W8A8 layers)
 
@@ -509,6 +525,8 @@ class KernelReport:
             "fallbacks": self.fallbacks(),
             "dense_prefill_shapes": self.shapes,
             "dense_prefill_unpack": self.unpack,
+            "decode_gemv_shapes": self.gemv_shapes,
+            "decode_gemv_unavailable": self.gemv,
             "int8_forward": self.int8_forward,
             "layers": {name: asdict(lk) for name, lk in self.layers.items()},
         }
@@ -614,6 +632,51 @@ def choose_dense_threshold(
     return threshold, f"dense faster from {threshold} tokens on (probed {probed})", timings
 
 
+def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS, reps: int = 5) -> tuple[int | None, str, dict]:
+    """Up to how many rows per call ``module`` (an :class:`Int4WeightOnlyLinear` on the CPU) should
+    run :data:`INT4_GEMV` instead of the ATen int4 kernel.
+
+    Checks the native kernel's output against the ATen kernel's on random bf16 rows, then times both
+    (:func:`time_call`) at each of ``probe_rows`` and returns ``(upto, reason, timings)``: the largest
+    probed count up to which the native kernel was faster at every probe, or None (ATen always)
+    with the reason. Pass the row counts decode will run (the batch size).
+    """
+    from quantcli.bench import gemv
+
+    why = gemv.gemv_status() or gemv.shape_unsupported(module.out_features, module.in_features, module.group_size)
+    if why:
+        return None, why, {}
+    probe_rows = tuple(sorted(set(probe_rows)))
+    gen = torch.Generator().manual_seed(0)
+    saved_gemv, saved_dense = module.gemv_upto, module.dense_from
+    module.dense_from = None
+    try:
+        with torch.inference_mode():
+            x = torch.randn(max(probe_rows), module.in_features, generator=gen).to(KERNEL_DTYPE)
+            module.gemv_upto = None
+            ref = module(x).float()
+            module.gemv_upto = max(probe_rows)
+            rel = float((module(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+            if not rel <= VERIFY_TOL:
+                return None, f"{INT4_GEMV} differs from the ATen kernel (relative error {rel:.3g})", {}
+            timings: dict[str, dict[int, float]] = {"aten_ms": {}, "gemv_ms": {}}
+            for m in probe_rows:
+                for key, upto in (("aten_ms", None), ("gemv_ms", m)):
+                    module.gemv_upto = upto
+                    timings[key][m] = time_call(module, x[:m], reps)
+    finally:
+        module.gemv_upto, module.dense_from = saved_gemv, saved_dense
+    upto = None
+    for m in probe_rows:
+        if timings["gemv_ms"][m] >= timings["aten_ms"][m]:
+            break
+        upto = m
+    probed = ", ".join(map(str, probe_rows))
+    if upto is None:
+        return None, f"ATen kernel faster at {probe_rows[0]} rows (probed {probed})", timings
+    return upto, f"{INT4_GEMV} faster up to {upto} rows (probed {probed})", timings
+
+
 def _shape_key(module: nn.Module) -> str:
     extra = "perm" if getattr(module, "perm", None) is not None else ""
     return f"{type(module).__name__}[{module.out_features}x{module.in_features}]g{getattr(module, 'group_size', '')}{extra}"
@@ -627,6 +690,8 @@ def swap_in_kernels(
     dense_prefill: bool = False,
     builder: Callable[..., tuple[nn.Module, "LayerKernel"]] | None = None,
     probe_tokens: tuple[int, ...] = DENSE_PROBE_TOKENS,
+    decode_gemv: bool = False,
+    gemv_rows: tuple[int, ...] = GEMV_PROBE_ROWS,
 ) -> KernelReport:
     """Replace each quantized ``nn.Linear`` of ``model`` (by module name) with a kernel module.
 
@@ -635,7 +700,9 @@ def swap_in_kernels(
     against the dequantized weight on random inputs and falls back on failure. With
     ``dense_prefill`` each distinct weight shape is timed once at ``probe_tokens`` rows per call
     (:func:`choose_dense_threshold`; give it the token counts that will run) and its layers
-    dequantize + dense-matmul from the measured token count on. The model is
+    dequantize + dense-matmul from the measured token count on. With ``decode_gemv`` each CPU int4
+    weight shape is timed at ``gemv_rows`` rows per call (:func:`choose_gemv`) and its layers run
+    :data:`INT4_GEMV` up to the measured row count. The model is
     changed in place; move its other parts with ``model.to(device)`` (never ``.to(dtype)``).
     ``builder(qw, bias, device, dtype)`` replaces :func:`build_kernel` for every layer (the
     weight-activation kernels of :mod:`quantcli.bench.w8a8` plug in here).
@@ -661,10 +728,21 @@ def swap_in_kernels(
                     report.shapes[key] = {"dense_from": threshold, "reason": why, **timings}
                 module.dense_from = report.shapes[key]["dense_from"]
                 choice.dense_from, choice.dense_reason = module.dense_from, report.shapes[key]["reason"]
+            if decode_gemv and choice.kernel == INT4_CPU:
+                key = _shape_key(module)
+                if key not in report.gemv_shapes:
+                    upto, why, timings = choose_gemv(module, gemv_rows)
+                    report.gemv_shapes[key] = {"gemv_upto": upto, "reason": why, **timings}
+                module.gemv_upto = report.gemv_shapes[key]["gemv_upto"]
+                choice.gemv_upto, choice.gemv_reason = module.gemv_upto, report.gemv_shapes[key]["reason"]
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         report.layers[name] = choice
         report.int8_forward = getattr(module, "forward_how", report.int8_forward)
     if any(lk.dense_from is not None and lk.kernel in (INT4_CPU, INT4_CUDA) for lk in report.layers.values()):
         report.unpack = fused_unpacker()[1]
+    if decode_gemv and any(lk.kernel == INT4_CPU for lk in report.layers.values()):
+        from quantcli.bench.gemv import gemv_status
+
+        report.gemv = gemv_status()
     return report

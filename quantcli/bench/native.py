@@ -98,23 +98,38 @@ def _cpu_has_avx512_bf16() -> bool:
         getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
+def compiled_library(
+    stem: str, source: str, suffix: str, command: list[str], link: tuple[str, ...] = ()
+) -> tuple[Path | None, str]:
+    """The shared library built from ``source`` by ``command`` (compiler and flags; the source path,
+    ``-o`` output and the ``link`` arguments, libraries after the code that uses them, are appended), cached in :func:`_cache_dir` under ``stem`` and a hash of source
+    and command, so an edit rebuilds and concurrent processes never load half a file. ``(path, "")``,
+    or ``(None, why not)`` (no compiler, a compile error: its first line)."""
+    digest = hashlib.sha256((source + repr((command, link))).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"{stem}_{digest}.so"
+    if lib.exists():
+        return lib, ""
+    try:
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            src, built = Path(tmp) / f"{stem}{suffix}", Path(tmp) / lib.name
+            src.write_text(source)
+            proc = subprocess.run([*command, str(src), "-o", str(built), *link], capture_output=True, text=True)
+            if proc.returncode != 0:
+                first = next((line for line in proc.stderr.splitlines() if "error" in line), None)
+                return None, f"{command[0]} failed: {(first or proc.stderr.strip() or 'no output')[:200]}"
+            os.replace(built, lib)  # atomic: a concurrent process never loads half a file
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"cannot build {stem}: {err}"
+    return lib, ""
+
+
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """Compile :data:`SOURCE` once per source and flags (cached on disk) and load it."""
     if not _cpu_has_avx512_bf16():
         return None, f"this CPU has no AVX-512 BF16 (vector unit: {torch.backends.cpu.get_cpu_capability()})"
-    digest = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"unpack_int4_{digest}.so"
-    if not lib.exists():
-        try:
-            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-                src, built = Path(tmp) / "unpack_int4.c", Path(tmp) / lib.name
-                src.write_text(SOURCE)
-                proc = subprocess.run(["cc", *FLAGS, str(src), "-o", str(built)], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    return None, f"cc failed: {(proc.stderr.strip().splitlines() or ['no output'])[0][:200]}"
-                os.replace(built, lib)  # atomic: a concurrent process never loads half a file
-        except (OSError, subprocess.SubprocessError) as err:
-            return None, f"cannot build the native unpacker: {err}"
+    lib, why = compiled_library("unpack_int4", SOURCE, ".c", ["cc", *FLAGS])
+    if lib is None:
+        return None, why
     try:
         handle = ctypes.CDLL(str(lib))
     except OSError as err:

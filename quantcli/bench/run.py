@@ -266,7 +266,8 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         builder = w8a8_builder(loaded.spec) if loaded.spec is not None and not loaded.spec.weight_only else None
         report = swap_in_kernels(
             model, loaded.quantized, device, dense_prefill=params.fast_paths, builder=builder,
-            probe_tokens=dense_probe_tokens(params),
+            probe_tokens=dense_probe_tokens(params), decode_gemv=params.fast_paths,
+            gemv_rows=tuple(sorted({1, params.batch})),
         )
         if loaded.spec is not None and loaded.spec.act_static:
             notes.append("static activation scales are not used here: the timed path quantizes activations per token")

@@ -123,6 +123,10 @@ def _print_human(result: dict) -> None:
             err.print(f"dense prefill unpacks int4 weights per call: {kernels['dense_prefill_unpack']}")
         for shape, probe in kernels["dense_prefill_shapes"].items():
             err.print(f"  {shape}: {probe['reason']}")
+        if kernels.get("decode_gemv_unavailable"):
+            err.print(f"decode int4 GEMV not used: {kernels['decode_gemv_unavailable']}")
+        for shape, probe in kernels.get("decode_gemv_shapes", {}).items():
+            err.print(f"  decode {shape}: {probe['reason']}")
     for note in result["notes"]:
         err.print(f"note: {note}")
     if result.get("paths"):

@@ -1,0 +1,251 @@
+"""A native int4 matrix-vector kernel for decode on AVX-512 CPUs, registered as a torch op.
+
+Decode multiplies a few rows (one per sequence) by every weight, so its time is how fast the weights
+stream through the cores. On CPUs ATen's ``_weight_int4pack_mm_for_cpu`` converts the 4-bit codes
+to float32 one lane at a time and streams them several times slower than a dense fp32 GEMV
+(``benchmarks/results/speed_micro.json``). ``quantcli::int4_gemv`` reads the same packed tensors (no
+second copy) and minimises nothing: it computes exactly
+
+    y[m, n] = Σ_g scale[g, n] · Σ_{k ∈ g} (128 + q[n, k]) · x[m, k]  +  (offset[g, n] − 136·scale[g, n]) · Σ_{k ∈ g} x[m, k]
+
+which is ``x @ wᵀ`` for ATen's ``w = scale·(q − 8) + offset``. Shapes: ``x`` bf16 ``[M, K]``,
+``packed`` uint8 ``[N, K/2]`` (64-row blocks stored as ``[K, 32]`` bytes: byte ``j`` holds row ``j``
+in its low nibble and row ``j + 32`` in its high nibble), ``scale_and_zero`` bf16 ``[K/G, N, 2]``;
+returns bf16 ``[M, N]``, summed in float32.
+
+The inner loop takes 64 bytes (two ``k`` of a 64-row block) per iteration: masks out the nibbles,
+one byte permute (AVX-512 VBMI) per 16 rows turns them into bf16 pairs ``(128 + q_k, 128 + q_{k+1})``
+(``0x43`` is the high byte of bf16 128, so the nibble is the low mantissa bits, exactly), and one
+``vdpbf16ps`` per 16 rows multiplies the pair by ``(x_k, x_{k+1})`` and adds both into float32.
+Work is split across OpenMP threads (torch's own libgomp, so ``torch.set_num_threads`` applies) in
+contiguous ranges of (64-row block, group) pairs, so a layer with fewer blocks than threads is
+still split; each thread sums into its own float32 row, added up at the end.
+
+It is C++ built on first use with the system compiler against the installed torch's headers
+(like a torch C++ extension, without ninja or setuptools) into :func:`quantcli.bench.native._cache_dir`,
+and loaded with ``torch.ops.load_library``, so a compiled decode graph calls it through the
+dispatcher at the cost of an ATen op (a Python custom op costs ~100 µs per call). Where it cannot
+build (no compiler, no AVX-512 BF16/VBMI, no torch headers) :func:`gemv_status` says why and the
+ATen kernel runs.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from quantcli.bench.native import _cpu_has_avx512_bf16, compiled_library
+
+OP = "quantcli::int4_gemv"
+
+SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+/* Word r of a permuted vector: (lo byte r, lo byte 32 + r) as two int16 = (q[row, k], q[row, k + 1]);
+   table 0 makes rows 0-15 of a half (low or high nibbles), table 1 rows 16-31; index 64 = a zero byte. */
+alignas(64) static const uint8_t PAIRS[2][64] = {
+    {0,64,32,64, 1,64,33,64, 2,64,34,64, 3,64,35,64, 4,64,36,64, 5,64,37,64, 6,64,38,64, 7,64,39,64,
+     8,64,40,64, 9,64,41,64, 10,64,42,64, 11,64,43,64, 12,64,44,64, 13,64,45,64, 14,64,46,64, 15,64,47,64},
+    {16,64,48,64, 17,64,49,64, 18,64,50,64, 19,64,51,64, 20,64,52,64, 21,64,53,64, 22,64,54,64, 23,64,55,64,
+     24,64,56,64, 25,64,57,64, 26,64,58,64, 27,64,59,64, 28,64,60,64, 29,64,61,64, 30,64,62,64, 31,64,63,64}};
+
+#ifndef PREFETCH
+#define PREFETCH 2048
+#endif
+/* acc[i] (rows 16i..16i+15 of a 64-row block, int32) += sum_{k0 <= k < k1} q[row, k] * xq[k] */
+static inline void block_dot(const uint8_t *block, const int16_t *xq, int k0, int k1, __m512i acc[4]) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i first = _mm512_load_si512(PAIRS[0]), second = _mm512_load_si512(PAIRS[1]);
+    for (int k = k0; k < k1; k += 2) {
+        _mm_prefetch((const char *)(block + (size_t)k * 32 + PREFETCH), _MM_HINT_T0);
+        __m512i bytes = _mm512_loadu_si512(block + (size_t)k * 32);  /* the block's rows at k, then at k + 1 */
+        __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+        __m512i xs = _mm512_set1_epi32(*(const int32_t *)(xq + k));  /* (x[k], x[k + 1]) */
+        acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_permutex2var_epi8(lo, first, zero), xs);
+        acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_permutex2var_epi8(lo, second, zero), xs);
+        acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_permutex2var_epi8(hi, first, zero), xs);
+        acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_permutex2var_epi8(hi, second, zero), xs);
+    }
+}
+
+/* One row of x in 16-bit fixed point per group: xq = round(x * 2^shift[g]), shift[g] putting the
+   group's largest |x| in [2^14, 2^15), unit[g] = 2^-shift[g], total[g] = sum of the rounded x times
+   unit[g] (float32). A bf16 x has 8 significant bits, so every x within 2^7 of its group's largest
+   is exact; a smaller one is off by at most 2^-16 of the largest. */
+struct FixedRow { std::vector<int16_t> xq; std::vector<float> unit, total; };
+
+static inline __m512 power_of_two(int e) { return _mm512_castsi512_ps(_mm512_set1_epi32((e + 127) << 23)); }
+
+static FixedRow to_fixed(const uint16_t *x, int K, int G) {
+    FixedRow row{std::vector<int16_t>(K), std::vector<float>(K / G), std::vector<float>(K / G)};
+    for (int g = 0; g < K / G; g++) {
+        const uint16_t *xg = x + (size_t)g * G;
+        __m512 largest = _mm512_setzero_ps();
+        for (int k = 0; k < G; k += 16) {
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16));
+            largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+        }
+        const float top = _mm512_reduce_max_ps(largest);
+        uint32_t bits;
+        std::memcpy(&bits, &top, 4);
+        const int exponent = (int)(bits >> 23) - 127;  /* floor(log2(top)) for a normal top */
+        const int shift = top > 0.f && std::isfinite(top) ? std::max(-126, std::min(126, 14 - exponent)) : 0;
+        const __m512 up = power_of_two(shift);
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < G; k += 16) {
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16));
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, up));  /* round to nearest even */
+            _mm256_storeu_si256((__m256i *)(row.xq.data() + (size_t)g * G + k), _mm512_cvtsepi32_epi16(q));
+            sum = _mm512_add_epi32(sum, q);
+        }
+        row.unit[g] = std::ldexp(1.f, -shift);
+        row.total[g] = std::isfinite(top) ? (float)_mm512_reduce_add_epi32(sum) * row.unit[g] : NAN;
+    }
+    return row;
+}
+
+/* y[64] += x . w over groups [g0, g1) of block b, for one row of x */
+static void block_groups(const uint8_t *packed, const uint32_t *sz, const FixedRow &x,
+                         int K, int N, int G, int b, int g0, int g1, float *y) {
+    const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 out[4];
+    for (int i = 0; i < 4; i++) out[i] = _mm512_loadu_ps(y + 16 * i);
+    for (int g = g0; g < g1; g++) {
+        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        block_dot(packed + (size_t)b * K * 32, x.xq.data(), g * G, (g + 1) * G, acc);
+        const __m512 unit = _mm512_set1_ps(x.unit[g]), total = _mm512_set1_ps(x.total[g]);
+        for (int i = 0; i < 4; i++) {
+            __m512i words = _mm512_loadu_si512((const void *)(sz + (size_t)g * N + (size_t)b * 64 + 16 * i));
+            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));       /* low bf16 */
+            __m512 offset = _mm512_castsi512_ps(_mm512_and_si512(words, high16));  /* high bf16 */
+            __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, offset);   /* w = scale*q + shift */
+            __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i]), unit);
+            out[i] = _mm512_fmadd_ps(scale, dot, _mm512_fmadd_ps(shift, total, out[i]));
+        }
+    }
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, out[i]);
+}
+
+at::Tensor int4_gemv(const at::Tensor &x_in, const at::Tensor &packed_in, const at::Tensor &sz_in, int64_t group) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "int4_gemv: x must be bf16 [M, K]");
+    TORCH_CHECK(packed_in.scalar_type() == at::kByte && sz_in.scalar_type() == at::kBFloat16 && sz_in.dim() == 3,
+                "int4_gemv: packed must be uint8, scale_and_zero bf16 [K/G, N, 2]");
+    at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous(), sz = sz_in.contiguous();
+    const int M = (int)x.size(0), K = (int)x.size(1), N = (int)sz.size(1), G = (int)group;
+    TORCH_CHECK(G >= 16 && G <= 256 && G % 16 == 0 && K % G == 0 && sz.size(0) == K / G && N % 64 == 0 &&
+                packed.numel() * 2 == (int64_t)N * K, "int4_gemv: shapes do not match ATen's CPU int4 pack (group a multiple of 16, at most 256)");
+    const int blocks = N / 64, groups = K / G, units = blocks * groups;
+    const uint16_t *xp = (const uint16_t *)x.data_ptr();
+    const uint8_t *pp = (const uint8_t *)packed.data_ptr();
+    const uint32_t *sp = (const uint32_t *)sz.data_ptr();
+    std::vector<FixedRow> rows;
+    for (int m = 0; m < M; m++) rows.push_back(to_fixed(xp + (size_t)m * K, K, G));
+    const int threads = std::max(1, std::min(at::get_num_threads(), units));
+    std::vector<float> partial((size_t)threads * M * N, 0.f);  /* one float32 copy of y per thread */
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        const int u0 = (int)((int64_t)units * t / count), u1 = (int)((int64_t)units * (t + 1) / count);
+        float *mine = partial.data() + (size_t)t * M * N;
+        for (int u = u0; u < u1;) {  /* block-major units: this thread's groups of one block at a time */
+            const int b = u / groups, g0 = u % groups, g1 = std::min(groups, g0 + (u1 - u));
+            for (int m = 0; m < M; m++)
+                block_groups(pp, sp, rows[m], K, N, G, b, g0, g1, mine + (size_t)m * N + (size_t)b * 64);
+            u += g1 - g0;
+        }
+    }
+    at::Tensor out = at::empty({M, N}, x.options());
+    uint16_t *op = (uint16_t *)out.data_ptr();
+    for (size_t i = 0; i < (size_t)M * N; i += 16) {
+        __m512 sum = _mm512_loadu_ps(partial.data() + i);
+        for (int t = 1; t < threads; t++) sum = _mm512_add_ps(sum, _mm512_loadu_ps(partial.data() + (size_t)t * M * N + i));
+        _mm256_storeu_si256((__m256i *)(op + i), (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+    return out;
+}
+
+TORCH_LIBRARY(quantcli, m) { m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_and_zero, int group) -> Tensor"); }
+TORCH_LIBRARY_IMPL(quantcli, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
+"""
+
+ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512vnni", "-mavx512bf16", "-mfma")
+
+_STATE: dict[str, str] = {}
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere: the kernel is then not used)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _command() -> tuple[list[str], tuple[str, ...]]:
+    """``c++`` with the flags a torch C++ extension needs (torch's headers, its C++ ABI), and the
+    link arguments (torch's libraries)."""
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    compile_flags = [
+        "c++", "-O3", "-std=c++20", "-w", "-shared", "-fPIC", "-fopenmp", *ISA, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+    ]
+    return compile_flags, (f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-lc10", "-ltorch_cpu")
+
+
+def _load() -> str:
+    if platform.system() != "Linux":
+        return f"the int4 GEMV is built for Linux only (this is {platform.system()})"
+    if not _cpu_has_avx512_bf16() or "avx512vbmi" not in _cpu_flags():
+        return f"this CPU lacks AVX-512 BF16 or VBMI (vector unit: {torch.backends.cpu.get_cpu_capability()})"
+    if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
+        return "this torch build ships no C++ headers"
+    lib, why = compiled_library("int4_gemv", SOURCE, ".cpp", *_command())
+    if lib is None:
+        return why
+    try:
+        torch.ops.load_library(str(lib))
+    except (OSError, RuntimeError) as err:
+        return f"cannot load {lib}: {str(err).splitlines()[0][:200]}"
+
+    @torch.library.register_fake(OP)
+    def _(x: Tensor, packed: Tensor, scale_and_zero: Tensor, group: int) -> Tensor:
+        return x.new_empty(x.shape[0], scale_and_zero.shape[1])
+
+    return ""
+
+
+def gemv_status() -> str:
+    """"" when ``quantcli::int4_gemv`` is built and registered (decided once per process), else why not."""
+    if "why" not in _STATE:
+        _STATE["why"] = _load()
+    return _STATE["why"]
+
+
+def shape_unsupported(out_features: int, in_features: int, group: int) -> str:
+    """Why :func:`int4_gemv` cannot take this weight ("" when it can): the checks of the C++ op."""
+    if out_features % 64:
+        return f"out_features {out_features} is not a multiple of 64 (CPU int4 pack blocks)"
+    if group % 16 or not 16 <= group <= 256 or in_features % group:
+        return f"group {group} of {in_features} inputs: the GEMV takes groups of 16-256 in steps of 16 that divide the inputs"
+    return ""
+
+
+def int4_gemv(x: Tensor, packed: Tensor, scale_and_zero: Tensor, group: int) -> Tensor:
+    """``x @ wᵀ`` bf16 ``[M, N]`` for bf16 ``x [M, K]`` and ATen's CPU int4 pack (see the module
+    docstring). Call only after :func:`gemv_status` returned ""."""
+    return torch.ops.quantcli.int4_gemv(x, packed, scale_and_zero, group)
