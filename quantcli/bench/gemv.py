@@ -1,32 +1,37 @@
 """A native int4 matrix-vector kernel for decode on AVX-512 CPUs, registered as a torch op.
 
-Decode multiplies a few rows (one per sequence) by every weight, so its time is how fast the weights
-stream through the cores. On CPUs ATen's ``_weight_int4pack_mm_for_cpu`` converts the 4-bit codes
-to float32 one lane at a time and streams them several times slower than a dense fp32 GEMV
-(``benchmarks/results/speed_micro.json``). ``quantcli::int4_gemv`` reads the same packed tensors (no
-second copy) and minimises nothing: it computes exactly
+Decode multiplies a few rows (one per sequence) by every weight, so its time is how fast the
+weights stream through the cores. ``quantcli::int4_gemv`` reads ATen's CPU int4 pack as it is (no
+second copy of the weight) and computes, for ``x`` bf16 ``[M, K]``, ``packed`` uint8 ``[N, K/2]``
+(64-row blocks stored as ``[K, 32]`` bytes: byte ``j`` holds row ``j`` in its low nibble and row
+``j + 32`` in its high nibble) and ``scale_and_zero`` bf16 ``[K/G, N, 2]``, the bf16 ``[M, N]``
 
-    y[m, n] = Σ_g scale[g, n] · Σ_{k ∈ g} (128 + q[n, k]) · x[m, k]  +  (offset[g, n] − 136·scale[g, n]) · Σ_{k ∈ g} x[m, k]
+    y[m, n] = Σ_g scale[g, n] · Σ_{k ∈ g} q[n, k] · x̃[m, k]  +  (offset[g, n] − 8·scale[g, n]) · Σ_{k ∈ g} x̃[m, k]
 
-which is ``x @ wᵀ`` for ATen's ``w = scale·(q − 8) + offset``. Shapes: ``x`` bf16 ``[M, K]``,
-``packed`` uint8 ``[N, K/2]`` (64-row blocks stored as ``[K, 32]`` bytes: byte ``j`` holds row ``j``
-in its low nibble and row ``j + 32`` in its high nibble), ``scale_and_zero`` bf16 ``[K/G, N, 2]``;
-returns bf16 ``[M, N]``, summed in float32.
+i.e. ``x̃ @ wᵀ`` for ATen's ``w = scale·(q − 8) + offset``, summed in int32 within a group and in
+float32 across groups. ``x̃`` is ``x`` in 16-bit fixed point per row and group: scaled by the power
+of two that puts the group's largest ``|x|`` in ``[2^14, 2^15)`` and rounded. A bf16 value has 8
+significant bits, so every ``x`` within 2^7 of its group's largest is exact, and a smaller one is
+off by at most 2^-16 of the largest: far below the bf16 rounding of the output.
 
-The inner loop takes 64 bytes (two ``k`` of a 64-row block) per iteration: masks out the nibbles,
-one byte permute (AVX-512 VBMI) per 16 rows turns them into bf16 pairs ``(128 + q_k, 128 + q_{k+1})``
-(``0x43`` is the high byte of bf16 128, so the nibble is the low mantissa bits, exactly), and one
-``vdpbf16ps`` per 16 rows multiplies the pair by ``(x_k, x_{k+1})`` and adds both into float32.
-Work is split across OpenMP threads (torch's own libgomp, so ``torch.set_num_threads`` applies) in
-contiguous ranges of (64-row block, group) pairs, so a layer with fewer blocks than threads is
-still split; each thread sums into its own float32 row, added up at the end.
+Why fixed point: the loop is bound by its multiply-add instructions, not by memory. On the CPU this
+was written on (AVX-512 with BF16 and VNNI), ``vpdpwssd`` (int16 pairs into int32) issues about
+twice as fast as ``vdpbf16ps`` (bf16 pairs into float32); a bf16 version of this kernel was no faster
+than ATen's, this one about twice as fast on one thread. Per iteration: 64 bytes (two ``k`` of a
+64-row block) are masked into nibbles, one byte permute (VBMI) per 16 rows pairs ``(q[k], q[k+1])``
+as int16, and one ``vpdpwssd`` per 16 rows multiplies them by ``(x̃[k], x̃[k+1])``. Work is split
+across OpenMP threads (torch's own libgomp, so ``torch.set_num_threads`` applies) in contiguous
+ranges of (block, group) pairs, so a layer with fewer blocks than threads is still split; each
+thread sums into its own float32 output, added up at the end. Groups up to 256 cannot overflow
+int32 (256 × 15 × 2^15 < 2^31).
 
-It is C++ built on first use with the system compiler against the installed torch's headers
-(like a torch C++ extension, without ninja or setuptools) into :func:`quantcli.bench.native._cache_dir`,
+It is C++ built on first use with the system compiler against the installed torch's headers (like
+a torch C++ extension, without ninja or setuptools) into :func:`quantcli.bench.native._cache_dir`,
 and loaded with ``torch.ops.load_library``, so a compiled decode graph calls it through the
-dispatcher at the cost of an ATen op (a Python custom op costs ~100 µs per call). Where it cannot
-build (no compiler, no AVX-512 BF16/VBMI, no torch headers) :func:`gemv_status` says why and the
-ATen kernel runs.
+dispatcher as cheaply as an ATen op (a Python custom op costs ~100 µs per call). Where it cannot
+build (no compiler, no AVX-512 BF16/VBMI/VNNI, no torch headers) :func:`gemv_status` says why and
+ATen's kernel runs. :func:`quantcli.bench.kernels.choose_gemv` uses it per weight shape only where
+it measured faster.
 """
 
 from __future__ import annotations
@@ -210,8 +215,8 @@ def _command() -> tuple[list[str], tuple[str, ...]]:
 def _load() -> str:
     if platform.system() != "Linux":
         return f"the int4 GEMV is built for Linux only (this is {platform.system()})"
-    if not _cpu_has_avx512_bf16() or "avx512vbmi" not in _cpu_flags():
-        return f"this CPU lacks AVX-512 BF16 or VBMI (vector unit: {torch.backends.cpu.get_cpu_capability()})"
+    if not _cpu_has_avx512_bf16() or not {"avx512vbmi", "avx512_vnni"} <= _cpu_flags():
+        return f"this CPU lacks AVX-512 BF16, VBMI or VNNI (vector unit: {torch.backends.cpu.get_cpu_capability()})"
     if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
         return "this torch build ships no C++ headers"
     lib, why = compiled_library("int4_gemv", SOURCE, ".cpp", *_command())

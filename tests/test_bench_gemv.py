@@ -1,0 +1,153 @@
+"""quantcli::int4_gemv, the native int4 GEMV for CPU decode: its math, its use from compiled graphs,
+and how swap_in_kernels chooses and reports it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from quantcli.bench import gemv, kernels
+from quantcli.bench.kernels import INT4_CPU, INT4_GEMV, Int4WeightOnlyLinear, swap_in_kernels
+from quantcli.quant import QuantizedWeight, QuantSpec, quantize_weight
+
+BF16_OUT = 4e-3  # relative error of a bf16 output rounded from an exact float32 sum (≈ 2^-9), with margin
+
+
+def _native_or_skip() -> None:
+    why = gemv.gemv_status()
+    if why:
+        pytest.skip(f"quantcli::int4_gemv does not run here: {why}")
+
+
+def _layer(n: int, k: int, group: int, seed: int = 0) -> tuple[Int4WeightOnlyLinear, QuantizedWeight]:
+    gen = torch.Generator().manual_seed(seed)
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, QuantSpec(wbits=4, group=group))
+    return Int4WeightOnlyLinear.from_quantized(qw), qw
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize(
+    "n,k,group,rows",
+    [(64, 128, 32, 1), (192, 576, 64, 1), (576, 256, 128, 3), (128, 512, 256, 2), (64, 64, 32, 5)],
+)
+def test_gemv_equals_the_dequantized_weight(n, k, group, rows) -> None:
+    """``x @ wᵀ`` for the layer's own dequantized weight, to bf16 output precision, at every group size
+    the kernels take and several rows. (64, 128, 32) has 4 (block, group) units for 2 threads, so one
+    block is split between threads. Catches: the two nibbles of a byte swapped, pairs of ``k`` crossed,
+    the offset term dropped or with the wrong constant, a split block summed twice or not at all."""
+    _native_or_skip()
+    torch.set_num_threads(2)
+    layer, qw = _layer(n, k, group)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = gemv.int4_gemv(x, layer.packed, layer.scale_and_zero, layer.group_size)
+    ref = x.float() @ qw.dequantize().t()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert rel_err(got, ref) < BF16_OUT
+    aten = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, layer.group_size, layer.scale_and_zero)
+    assert rel_err(got, aten) < BF16_OUT
+
+
+def test_gemv_scales_activations_per_group() -> None:
+    """Activations of very different size per group (1e3 in the first, 1e-3 in the second) while the
+    first group's weights are all zero, so the output comes from the small group alone. The kernel
+    puts each group in its own 16-bit fixed point: a scale shared by the row (set by its largest
+    value) rounds the small group to nothing, an error of about 1."""
+    _native_or_skip()
+    layer, qw = _layer(64, 128, 64, seed=2)
+    codes, scale, zero = qw.codes.clone(), qw.scale.clone(), qw.zero.clone()
+    scale[:, 0] = 0.0  # group 0: w = (q − zero)·0 = 0
+    qw = QuantizedWeight(codes, scale, zero, qw.group)
+    layer = Int4WeightOnlyLinear.from_quantized(qw)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(1, 64, generator=gen) * 1e3, torch.randn(1, 64, generator=gen) * 1e-3], dim=1).bfloat16()
+    got = gemv.int4_gemv(x, layer.packed, layer.scale_and_zero, layer.group_size)
+    ref = x.float() @ qw.dequantize().t()
+    assert rel_err(got, ref) < BF16_OUT
+
+
+def test_gemv_runs_inside_a_compiled_graph() -> None:
+    """The op has a fake implementation, so torch.compile (fullgraph) traces through the layer and
+    calls it: the compiled output equals the eager one. Catches a missing or wrongly shaped fake."""
+    _native_or_skip()
+    layer, _ = _layer(128, 256, 64)
+    layer.gemv_upto = 1
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), layer(x) * 2)
+
+
+def test_layer_routes_rows_to_the_gemv_up_to_its_threshold(monkeypatch) -> None:
+    """With ``gemv_upto = 2`` calls of 1-2 rows go to quantcli::int4_gemv and 3 rows to ATen's kernel.
+    Catches an inverted or off-by-one comparison."""
+    _native_or_skip()
+    layer, _ = _layer(64, 128, 32)
+    layer.gemv_upto = 2
+    calls = []
+    real = torch.ops.quantcli.int4_gemv
+
+    def spy(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.quantcli, "int4_gemv", spy)
+    for rows in (1, 2, 3):
+        layer(torch.randn(rows, 128))
+    assert calls == [1, 2]
+
+
+def test_swap_in_kernels_reports_the_measured_gemv_choice(monkeypatch) -> None:
+    """A fake timer where the GEMV wins at 1 row only: every int4 layer runs it up to 1 row, the
+    report gives the reason and both timings, and decode (1 row) counts the GEMV path while 2 rows
+    count ATen's kernel. Catches a choice that ignores the timings or a report that drops it."""
+    _native_or_skip()
+
+    def fake_time(module, x, reps):
+        gemv_on = module.gemv_upto is not None and x.shape[0] <= module.gemv_upto
+        return (1.0 if x.shape[0] == 1 else 3.0) if gemv_on else 2.0
+
+    monkeypatch.setattr(kernels, "time_call", fake_time)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 128))
+    quantized = {n: quantize_weight(model.get_submodule(n).weight.data, QuantSpec(wbits=4, group=32)) for n in ("0", "1")}
+    report = swap_in_kernels(model, quantized, "cpu", decode_gemv=True, gemv_rows=(1, 2))
+    assert {lk.gemv_upto for lk in report.layers.values()} == {1}
+    assert report.path_counts(1) == {INT4_GEMV: 2} and report.path_counts(2) == {INT4_CPU: 2}
+    shapes = report.to_dict()["decode_gemv_shapes"]
+    assert len(shapes) == 2 and all(s["gemv_ms"] and s["aten_ms"] and "up to 1 rows" in s["reason"] for s in shapes.values())
+    assert all(m.gemv_upto == 1 for m in model if isinstance(m, Int4WeightOnlyLinear))
+
+
+def test_without_the_native_gemv_every_layer_keeps_atens_kernel(monkeypatch) -> None:
+    """Where the op cannot run (here: its status says no compiler) the layers keep ATen's kernel and
+    the report says why, in one line, instead of failing."""
+    monkeypatch.setitem(gemv._STATE, "why", "c++ failed: no compiler")
+    model = nn.Sequential(nn.Linear(128, 64))
+    quantized = {"0": quantize_weight(model[0].weight.data, QuantSpec(wbits=4, group=32))}
+    report = swap_in_kernels(model, quantized, "cpu", decode_gemv=True)
+    assert report.layers["0"].gemv_upto is None and report.layers["0"].gemv_reason == "c++ failed: no compiler"
+    assert report.to_dict()["decode_gemv_unavailable"] == "c++ failed: no compiler"
+    assert report.path_counts(1) == {INT4_CPU: 1}
+
+
+def test_unsupported_shapes_are_refused_before_the_op() -> None:
+    """A 96-row weight (not whole 64-row blocks) gets a reason, not a C++ error from the op."""
+    assert "multiple of 64" in gemv.shape_unsupported(96, 128, 32)
+    assert "groups of 16-256" in gemv.shape_unsupported(64, 96, 24)
+    assert gemv.shape_unsupported(64, 128, 32) == ""
+
+
+def test_the_native_gemv_builds_where_the_cpu_has_the_instructions() -> None:
+    """On a CPU with AVX-512 BF16, VBMI and VNNI and a C++ compiler, the op builds and loads: catches
+    a build that breaks and silently leaves every layer on the slower ATen kernel."""
+    from quantcli.bench.native import _cpu_has_avx512_bf16
+
+    flags = gemv._cpu_flags()
+    if not (_cpu_has_avx512_bf16() and {"avx512vbmi", "avx512_vnni"} <= flags and shutil.which("c++")):
+        pytest.skip("this CPU or machine cannot build the native GEMV")
+    assert gemv.gemv_status() == ""
