@@ -151,3 +151,21 @@ def test_the_native_gemv_builds_where_the_cpu_has_the_instructions() -> None:
     if not (_cpu_has_avx512_bf16() and {"avx512vbmi", "avx512_vnni"} <= flags and shutil.which("c++")):
         pytest.skip("this CPU or machine cannot build the native GEMV")
     assert gemv.gemv_status() == ""
+
+
+def test_the_profile_counts_the_gemv_as_a_matmul() -> None:
+    """profile_phases' split puts quantcli::int4_gemv's time with the matmuls, where the bounds of
+    benchmarks/speed.py look for the quantized linears: catches the op's time landing in "other"."""
+    from quantcli.bench.paths import _split
+
+    _native_or_skip()
+    layer, _ = _layer(576, 576, 64)
+    layer.gemv_upto = 1
+    x = torch.randn(1, 576).bfloat16()
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        for _ in range(20):
+            layer(x)
+    averages = prof.key_averages()
+    gemv_ms = sum(ev.self_cpu_time_total for ev in averages if ev.key == "quantcli::int4_gemv") / 1e3 / 20
+    assert gemv_ms > 0
+    assert _split(averages, 1.0, 20)["matmul_ms"] >= 0.99 * gemv_ms

@@ -244,7 +244,7 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
 # --------------------------------------------------------------------------------------------
 
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::softmax", "aten::_softmax")
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # and the low-bit kernels (…pack_mm…)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "quantcli::int4_gemv")  # and the low-bit kernels (…pack_mm…)
 
 
 def profile_phases(
