@@ -145,10 +145,10 @@ def test_unsupported_shapes_are_refused_before_the_op() -> None:
 def test_the_native_gemv_builds_where_the_cpu_has_the_instructions() -> None:
     """On a CPU with AVX-512 BF16, VBMI and VNNI and a C++ compiler, the op builds and loads: catches
     a build that breaks and silently leaves every layer on the slower ATen kernel."""
-    from quantcli.bench.native import _cpu_has_avx512_bf16
+    from quantcli.bench.native import cpu_has_avx512_bf16
 
     flags = gemv._cpu_flags()
-    if not (_cpu_has_avx512_bf16() and {"avx512vbmi", "avx512_vnni"} <= flags and shutil.which("c++")):
+    if not (cpu_has_avx512_bf16() and {"avx512vbmi", "avx512_vnni"} <= flags and shutil.which("c++")):
         pytest.skip("this CPU or machine cannot build the native GEMV")
     assert gemv.gemv_status() == ""
 

@@ -351,7 +351,7 @@ def test_the_native_unpacker_runs_where_the_cpu_has_avx512_bf16() -> None:
 
     from quantcli.bench import native
 
-    if not (native._cpu_has_avx512_bf16() and shutil.which("cc")):
+    if not (native.cpu_has_avx512_bf16() and shutil.which("cc")):
         pytest.skip("no AVX-512 BF16 or no C compiler here: the compiled unpacker is used")
     assert native.native_status() == ""
     assert kernels.fused_unpacker()[1] == kernels.UNPACK_NATIVE

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from quantcli.bench.native import _cpu_has_avx512_bf16, compiled_library
+from quantcli.bench.native import cpu_has_avx512_bf16, compiled_library
 
 OP = "quantcli::int4_gemv"
 
@@ -66,9 +66,8 @@ alignas(64) static const uint8_t PAIRS[2][64] = {
     {16,64,48,64, 17,64,49,64, 18,64,50,64, 19,64,51,64, 20,64,52,64, 21,64,53,64, 22,64,54,64, 23,64,55,64,
      24,64,56,64, 25,64,57,64, 26,64,58,64, 27,64,59,64, 28,64,60,64, 29,64,61,64, 30,64,62,64, 31,64,63,64}};
 
-#ifndef PREFETCH
+/* bytes ahead in a block to prefetch: decode reads each weight once, from memory or L3 */
 #define PREFETCH 2048
-#endif
 /* acc[i] (rows 16i..16i+15 of a 64-row block, int32) += sum_{k0 <= k < k1} q[row, k] * xq[k] */
 static inline void block_dot(const uint8_t *block, const int16_t *xq, int k0, int k1, __m512i acc[4]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
@@ -215,7 +214,7 @@ def _command() -> tuple[list[str], tuple[str, ...]]:
 def _load() -> str:
     if platform.system() != "Linux":
         return f"the int4 GEMV is built for Linux only (this is {platform.system()})"
-    if not _cpu_has_avx512_bf16() or not {"avx512vbmi", "avx512_vnni"} <= _cpu_flags():
+    if not cpu_has_avx512_bf16() or not {"avx512vbmi", "avx512_vnni"} <= _cpu_flags():
         return f"this CPU lacks AVX-512 BF16, VBMI or VNNI (vector unit: {torch.backends.cpu.get_cpu_capability()})"
     if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
         return "this torch build ships no C++ headers"

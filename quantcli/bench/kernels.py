@@ -677,6 +677,19 @@ def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS
     return upto, f"{INT4_GEMV} faster up to {upto} rows (probed {probed})", timings
 
 
+def _probe(name: str, value: int | None, reason: str, timings: dict) -> dict:
+    """A per-shape choice as the report stores it: ``{name: value, "reason": ..., **timings}``."""
+    return {name: value, "reason": reason, **timings}
+
+
+def _per_shape(cache: dict[str, dict], module: nn.Module, measure: Callable[[nn.Module], dict]) -> dict:
+    """``measure(module)`` once per weight shape (:func:`_shape_key`), kept in ``cache``."""
+    key = _shape_key(module)
+    if key not in cache:
+        cache[key] = measure(module)
+    return cache[key]
+
+
 def _shape_key(module: nn.Module) -> str:
     extra = "perm" if getattr(module, "perm", None) is not None else ""
     return f"{type(module).__name__}[{module.out_features}x{module.in_features}]g{getattr(module, 'group_size', '')}{extra}"
@@ -722,19 +735,13 @@ def swap_in_kernels(
             if not dense_prefill:
                 choice.dense_reason = "dense prefill not requested"
             else:
-                key = _shape_key(module)
-                if key not in report.shapes:
-                    threshold, why, timings = choose_dense_threshold(module, probe_tokens)
-                    report.shapes[key] = {"dense_from": threshold, "reason": why, **timings}
-                module.dense_from = report.shapes[key]["dense_from"]
-                choice.dense_from, choice.dense_reason = module.dense_from, report.shapes[key]["reason"]
+                probe = _per_shape(report.shapes, module, lambda m: _probe("dense_from", *choose_dense_threshold(m, probe_tokens)))
+                module.dense_from = choice.dense_from = probe["dense_from"]
+                choice.dense_reason = probe["reason"]
             if decode_gemv and choice.kernel == INT4_CPU:
-                key = _shape_key(module)
-                if key not in report.gemv_shapes:
-                    upto, why, timings = choose_gemv(module, gemv_rows)
-                    report.gemv_shapes[key] = {"gemv_upto": upto, "reason": why, **timings}
-                module.gemv_upto = report.gemv_shapes[key]["gemv_upto"]
-                choice.gemv_upto, choice.gemv_reason = module.gemv_upto, report.gemv_shapes[key]["reason"]
+                probe = _per_shape(report.gemv_shapes, module, lambda m: _probe("gemv_upto", *choose_gemv(m, gemv_rows)))
+                module.gemv_upto = choice.gemv_upto = probe["gemv_upto"]
+                choice.gemv_reason = probe["reason"]
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
         report.layers[name] = choice

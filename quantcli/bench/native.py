@@ -93,7 +93,7 @@ def _cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="quantcli-"))
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def cpu_has_avx512_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(
         getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
@@ -125,7 +125,7 @@ def compiled_library(
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """Compile :data:`SOURCE` once per source and flags (cached on disk) and load it."""
-    if not _cpu_has_avx512_bf16():
+    if not cpu_has_avx512_bf16():
         return None, f"this CPU has no AVX-512 BF16 (vector unit: {torch.backends.cpu.get_cpu_capability()})"
     lib, why = compiled_library("unpack_int4", SOURCE, ".c", ["cc", *FLAGS])
     if lib is None:
