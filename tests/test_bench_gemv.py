@@ -126,7 +126,7 @@ def test_swap_in_kernels_reports_the_measured_gemv_choice(monkeypatch) -> None:
 def test_without_the_native_gemv_every_layer_keeps_atens_kernel(monkeypatch) -> None:
     """Where the op cannot run (here: its status says no compiler) the layers keep ATen's kernel and
     the report says why, in one line, instead of failing."""
-    monkeypatch.setitem(gemv._STATE, "why", "c++ failed: no compiler")
+    monkeypatch.setattr(gemv, "gemv_status", lambda: "c++ failed: no compiler")
     model = nn.Sequential(nn.Linear(128, 64))
     quantized = {"0": quantize_weight(model[0].weight.data, QuantSpec(wbits=4, group=32))}
     report = swap_in_kernels(model, quantized, "cpu", decode_gemv=True)
@@ -166,6 +166,6 @@ def test_the_profile_counts_the_gemv_as_a_matmul() -> None:
         for _ in range(20):
             layer(x)
     averages = prof.key_averages()
-    gemv_ms = sum(ev.self_cpu_time_total for ev in averages if ev.key == "quantcli::int4_gemv") / 1e3 / 20
+    gemv_ms = sum(ev.self_cpu_time_total for ev in averages if ev.key == "quantcli::int4_gemv") / 1e3  # all 20 calls
     assert gemv_ms > 0
-    assert _split(averages, 1.0, 20)["matmul_ms"] >= 0.99 * gemv_ms
+    assert _split(averages, 1.0, 1)["matmul_ms"] >= gemv_ms - 0.001  # _split rounds to 1 µs

@@ -39,10 +39,15 @@ def fake_quantize(model: nn.Module, spec: QuantSpec) -> dict:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-@pytest.mark.parametrize("device, path", [("cpu", "kernel"), ("cpu", "dense"), pytest.param("cuda", "kernel", marks=CUDA)])
+@pytest.mark.parametrize("device, path", [("cpu", "kernel"), ("cpu", "dense"), ("cpu", "gemv"), pytest.param("cuda", "kernel", marks=CUDA)])
 def test_moe_kernel_path_matches_fake_quant(mixtral: nn.Module, device: str, path: str) -> None:
-    """Experts on the int4 kernel (decode path) or unpacked per call + dense (prefill path) give the
-    fake-quant MoE model's logits within bf16 precision, with tokens grouped by expert."""
+    """Experts on the int4 kernel (decode path), on quantcli::int4_gemv (the native decode kernel, here
+    with every expert's grouped rows) or unpacked per call + dense (prefill path) give the fake-quant
+    MoE model's logits within bf16 precision, with tokens grouped by expert."""
+    from quantcli.bench import gemv
+
+    if path == "gemv" and gemv.gemv_status():
+        pytest.skip(f"quantcli::int4_gemv does not run here: {gemv.gemv_status()}")
     fake = copy.deepcopy(mixtral)
     quantized = fake_quantize(fake, QuantSpec(wbits=4, group=32))
     assert sum(".experts." in n for n in quantized) == 2 * 4 * 3  # 2 layers × 4 experts × 3 linears
@@ -51,11 +56,14 @@ def test_moe_kernel_path_matches_fake_quant(mixtral: nn.Module, device: str, pat
     expected = kernels.INT4_CPU if device == "cpu" else kernels.INT4_CUDA
     assert report.counts() == {expected: len(quantized)}, report.to_dict()["fallbacks"]
     real.to(device)
-    dense = 0
+    dense = native = 0
     for module in real.modules():
         if isinstance(module, kernels.Int4WeightOnlyLinear) and path == "dense" and not module.dense_unsupported():
             module.dense_from, dense = 0, dense + 1
-    assert (dense > 0) == (path == "dense")
+        if isinstance(module, kernels.Int4WeightOnlyLinear) and path == "gemv" and not gemv.shape_unsupported(
+                module.out_features, module.in_features, module.group_size):
+            module.gemv_upto, native = 1 << 20, native + 1
+    assert (dense > 0) == (path == "dense") and (native > 0) == (path == "gemv")
     summary = group_experts(real)
     assert summary["blocks"] == 2 and summary["experts_per_block"] == 4 and summary["top_k"] == 2
 
