@@ -101,10 +101,11 @@ def cpu_has_avx512_bf16() -> bool:
 def compiled_library(
     stem: str, source: str, suffix: str, command: list[str], link: tuple[str, ...] = ()
 ) -> tuple[Path | None, str]:
-    """The shared library built from ``source`` by ``command`` (compiler and flags; the source path,
-    ``-o`` output and the ``link`` arguments, libraries after the code that uses them, are appended), cached in :func:`_cache_dir` under ``stem`` and a hash of source
-    and command, so an edit rebuilds and concurrent processes never load half a file. ``(path, "")``,
-    or ``(None, why not)`` (no compiler, a compile error: its first line)."""
+    """The shared library built from ``source`` by ``command`` (compiler and flags), with the source
+    path, ``-o`` output and then the ``link`` arguments appended (libraries after the code that uses
+    them). Cached in :func:`_cache_dir` under ``stem`` and a hash of source, command and link
+    arguments, so an edit rebuilds and concurrent processes never load half a file. Returns
+    ``(path, "")``, or ``(None, why not)``: no compiler, or the compile error's first line."""
     digest = hashlib.sha256((source + repr((command, link))).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"{stem}_{digest}.so"
     if lib.exists():
