@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from quantcli.bench import gemv
 from quantcli.bench.latency import fastest_ms, synchronize
 from quantcli.quant.affine import QuantizedWeight
 
@@ -52,7 +53,7 @@ INT4_CUDA = "aten._weight_int4pack_mm"
 INT8 = "aten._weight_int8pack_mm"
 DEQUANT = "dequant-fp"
 DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense matmul (prefill)
-INT4_GEMV = "quantcli::int4_gemv"  # the native AVX-512 VNNI int4 matrix-vector kernel (CPU decode)
+INT4_GEMV = gemv.OP  # the native AVX-512 VNNI int4 matrix-vector kernel (CPU decode)
 DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
 GEMV_PROBE_ROWS = (1, 2, 4, 8)  # rows per call at which quantcli::int4_gemv and the ATen kernel are timed
 DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
@@ -374,8 +375,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         dense = f", dense from {self.dense_from} tokens" if self.dense_from is not None else ""
-        gemv = f", {INT4_GEMV} up to {self.gemv_upto} tokens" if self.gemv_upto is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{dense}{gemv}"
+        native_gemv = f", {INT4_GEMV} up to {self.gemv_upto} tokens" if self.gemv_upto is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{dense}{native_gemv}"
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -641,8 +642,6 @@ def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS
     probed count up to which the native kernel was faster at every probe, or None (ATen always)
     with the reason. Pass the row counts decode will run (the batch size).
     """
-    from quantcli.bench import gemv
-
     why = gemv.gemv_status() or gemv.shape_unsupported(module.out_features, module.in_features, module.group_size)
     if why:
         return None, why, {}
@@ -749,7 +748,5 @@ def swap_in_kernels(
     if any(lk.dense_from is not None and lk.kernel in (INT4_CPU, INT4_CUDA) for lk in report.layers.values()):
         report.unpack = fused_unpacker()[1]
     if decode_gemv and any(lk.kernel == INT4_CPU for lk in report.layers.values()):
-        from quantcli.bench.gemv import gemv_status
-
-        report.gemv = gemv_status()
+        report.gemv = gemv.gemv_status()
     return report

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantcli.bench.kernels import DEQUANT_LABEL, INT8_LABEL, KERNEL_MODULES, KernelReport
+from quantcli.bench.kernels import DEQUANT_LABEL, INT4_GEMV, INT8_LABEL, KERNEL_MODULES, KernelReport
 from quantcli.bench.latency import (
     _attention_geometry,
     _forward_kwargs,
@@ -244,7 +244,7 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
 # --------------------------------------------------------------------------------------------
 
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::softmax", "aten::_softmax")
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "quantcli::int4_gemv")  # and the low-bit kernels (…pack_mm…)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", INT4_GEMV)  # and ATen's low-bit kernels (…pack_mm…)
 
 
 def profile_phases(
