@@ -249,6 +249,50 @@ def test_phase_attention_keeps_logits_and_casts_prefill(base: nn.Module) -> None
     assert got.dtype == torch.float32 and 0 < rel_err(got, ref) < BF16_TOL
 
 
+def _static_decode_logits(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Logits ``[steps, vocab]`` of greedy decode steps over a static cache after prefilling ``ids``."""
+    from quantcli.bench.latency import cache_kwarg, position_kwargs, prefill_static
+
+    token, cache = prefill_static(model, ids, ids.shape[1] + steps)
+    out = []
+    for i in range(steps):
+        position = position_kwargs(model, torch.tensor([ids.shape[1] + i]))
+        logits = model(input_ids=token, use_cache=True, **position, **{cache_kwarg(model): cache}).logits[:, -1]
+        out.append(logits[0])
+        token = logits.argmax(-1, keepdim=True)
+    return torch.stack(out)
+
+
+def test_packed_decode_attention_equals_repeated_heads(base: nn.Module) -> None:
+    """Decode with query heads packed per KV head (4 heads over 2 KV heads here) gives the logits of
+    transformers' eager attention, which copies each KV head to its query heads; a wrong head to KV
+    head assignment (e.g. heads 0 and 2 on KV head 0) changes them."""
+    from quantcli.bench import paths
+
+    ref_model = copy.deepcopy(base)
+    ref_model.config._attn_implementation = "eager"
+    model = copy.deepcopy(base)
+    assert paths.install_phase_attention(model) == ""
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    packed_queries = []
+    orig = paths.packed_decode_sdpa
+
+    def spy(module, query, *args, **kwargs):
+        out = orig(module, query, *args, **kwargs)
+        packed_queries.append(out is not None)
+        return out
+
+    with torch.inference_mode():
+        ref = _static_decode_logits(ref_model, ids, 3)
+        paths.packed_decode_sdpa = spy
+        try:
+            got = _static_decode_logits(model, ids, 3)
+        finally:
+            paths.packed_decode_sdpa = orig
+    assert packed_queries.count(True) == 3 * 2  # every decode step, both layers; prefill not packed
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_bench_cli_reports_paths_and_writes_plot(tiny_model_dir, tmp_path) -> None:
     pytest.importorskip("matplotlib")
     from typer.testing import CliRunner
@@ -272,6 +316,8 @@ def test_bench_cli_reports_paths_and_writes_plot(tiny_model_dir, tmp_path) -> No
     # the dense-prefill choice was measured at the lengths run (16 is no default probe)
     probed = [set(shape["dense_ms"]) for shape in out["kernels"]["dense_prefill_shapes"].values() if "dense_ms" in shape]
     assert probed and all({"8", "16"} <= keys for keys in probed), out["kernels"]["dense_prefill_shapes"]
+    for model in (out, out["baseline"]):  # both decodes read the KV cache in place
+        assert model["decode_attention"].startswith("sdpa, query heads packed"), model.get("decode_attention")
     for model in (out, out["baseline"]):  # a per-phase profile at every prompt length
         for row in model["results"]:
             assert row["profile"]["prefill"]["wall_ms"] > 0 and "dequantize_ms" in row["profile"]["decode_per_step"]

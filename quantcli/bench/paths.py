@@ -37,8 +37,28 @@ PHASE_ATTENTION = "quantcli_phase_sdpa"  # transformers attention implementation
 PREFILL_DTYPE_ATTR = "quantcli_prefill_dtype"  # set on attention modules: dtype of prefill attention
 
 
+def packed_decode_sdpa(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None] | None:
+    """One query token's attention with the query heads that share a KV head packed as that head's
+    rows: ``query [B, H, 1, D]`` → ``[B, KV, H/KV, D]`` against ``key/value [B, KV, Lk, D]``, so the
+    cache is read in place instead of copied ``H/KV`` times (transformers' ``repeat_kv``, which its
+    SDPA path takes under ``torch.compile``; its eager decode packs the same way). The same
+    arithmetic per head (softmax of scaled q·k over the masked keys, times v). Returns
+    ``(out [B, 1, H, D], None)``, or None where packing does not apply (one query head per KV
+    head, more than one query token, a per-head mask, a position bias or softcap)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if query.shape[2] != 1 or groups <= 1 or per_head_mask or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return None
+    batch, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=kwargs.get("scaling"),
+    )
+    return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
 def _phase_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """SDPA in the cache dtype for decode, in ``module.quantcli_prefill_dtype`` for prefill.
+    """SDPA in the cache dtype for decode (query heads packed per KV head, see
+    :func:`packed_decode_sdpa`), in ``module.quantcli_prefill_dtype`` for prefill.
 
     ``query [B, H, Lq, D]``, ``key/value [B, KV, Lk, D]``; prefill (``Lq > 1``) casts q, k, v (and a
     float mask) to the prefill dtype for the call and the output back, so the KV cache and the
@@ -46,6 +66,9 @@ def _phase_sdpa(module, query, key, value, attention_mask, **kwargs):
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    packed = packed_decode_sdpa(module, query, key, value, attention_mask, **kwargs)
+    if packed is not None:
+        return packed
     dtype = getattr(module, PREFILL_DTYPE_ATTR, None)
     if query.shape[2] == 1 or dtype is None or dtype == query.dtype:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -30,7 +30,7 @@ from quantcli.bench.latency import (
     weight_bytes,
 )
 from quantcli.bench.moe import expert_call_stats, group_experts
-from quantcli.bench.paths import fastest_paths, native_bf16_cpu, profile_phases
+from quantcli.bench.paths import fastest_paths, install_phase_attention, native_bf16_cpu, profile_phases
 from quantcli.errors import InputError
 from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
 
@@ -189,6 +189,7 @@ def bench_model(
     if params.compile_decode and not int8_kv:
         torch.compiler.reset()  # each model compiles afresh: no stale graphs, no recompile limit shared
         step = compiled_greedy_step(model)
+    why_not = install_phase_attention(model)  # every model alike: decode reads its KV cache in place
     rows = measure_prefill_decode(
         model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
@@ -204,6 +205,7 @@ def bench_model(
         "peak_mem_bytes": peak_memory_bytes(device),
         "rss_bytes": current_rss_bytes(),
         "kv_cache": fp,
+        "decode_attention": why_not or "sdpa, query heads packed per KV head (no repeat_kv copy)",
         "results": rows,
     }
     if int8_kv:
