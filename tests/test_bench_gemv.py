@@ -169,3 +169,101 @@ def test_the_profile_counts_the_gemv_as_a_matmul() -> None:
     gemv_ms = sum(ev.self_cpu_time_total for ev in averages if ev.key == "quantcli::int4_gemv") / 1e3  # all 20 calls
     assert gemv_ms > 0
     assert _split(averages, 1.0, 1)["matmul_ms"] >= gemv_ms - 0.001  # _split rounds to 1 µs
+
+
+# ---------------------------------------------------------------------------------------------
+# quantcli::bf16_gemv: the dense bf16 linears a model keeps (lm_head; a bf16 baseline's layers)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k,rows", [(64, 576, 1), (37, 100, 2), (7, 40, 3), (1024, 33, 1)])
+def test_bf16_gemv_equals_the_float_product(n, k, rows) -> None:
+    """``x @ wᵀ`` to bf16 output precision, with ``k`` not a multiple of 32 (masked tail), rows of
+    ``w`` not a multiple of the 4 per pass, and several rows of ``x``. Catches a dropped tail, a
+    row of a pass skipped or written twice, rows of ``x`` mixed up."""
+    _native_or_skip()
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(rows, k, generator=gen).bfloat16()
+    got = gemv.bf16_gemv(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert rel_err(got, x.float() @ w.float().t()) < BF16_OUT
+
+
+def _tied_model() -> nn.Module:
+    import conftest
+
+    return conftest.tiny_llama(0, hidden=64, intermediate=128, vocab=128, tie=True).to(torch.bfloat16)
+
+
+def test_dense_gemv_keeps_tied_weights_and_logits(monkeypatch) -> None:
+    """swap_in_dense_gemv on a bf16 model with a tied lm_head: every dense linear is wrapped, the
+    lm_head still shares the embedding's tensor, one-token logits stay within bf16 precision of
+    F.linear's, and the calls reach the op. A fake timer makes the GEMV win at one row. Catches a
+    swap that copies (unties) the weight, skips layers, or never calls the op."""
+    _native_or_skip()
+    monkeypatch.setattr(kernels, "time_call", lambda module, x, reps: 1.0 if module.gemv_upto else 2.0)
+    model = _tied_model()
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = model(ids).logits
+    report = kernels.swap_in_dense_gemv(model, (1,))
+    assert report["layers"] == report["layers_with_gemv"] == 2 * 7 + 1 and report["unavailable"] == ""
+    assert all(s["gemv_upto"] == 1 and s["gemv_ms"] and s["aten_ms"] for s in report["shapes"].values())
+    assert isinstance(model.lm_head, kernels.DenseGemvLinear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    calls = []
+    real = torch.ops.quantcli.bf16_gemv
+    monkeypatch.setattr(torch.ops.quantcli, "bf16_gemv", lambda x, w: (calls.append(x.shape[0]), real(x, w))[1])
+    with torch.inference_mode():
+        got = model(ids).logits
+    assert calls.count(1) == 15
+    assert rel_err(got, ref) < 2e-2
+
+
+def test_dense_gemv_routes_by_rows_and_dtype(monkeypatch) -> None:
+    """Up to ``gemv_upto`` bf16 rows go to the op; more rows, or the weight cast to fp32 (a stream
+    dtype chosen per prompt length), go to F.linear. Catches an inverted comparison or the op fed
+    an fp32 weight."""
+    _native_or_skip()
+    layer = kernels.DenseGemvLinear(nn.Linear(64, 32).bfloat16(), gemv_upto=2)
+    calls = []
+    real = torch.ops.quantcli.bf16_gemv
+    monkeypatch.setattr(torch.ops.quantcli, "bf16_gemv", lambda x, w: (calls.append(x.shape[0]), real(x, w))[1])
+    for rows in (1, 2, 3):
+        layer(torch.randn(rows, 64).bfloat16())
+    layer.float()
+    layer(torch.randn(1, 64))
+    assert calls == [1, 2]
+
+
+def test_dense_gemv_runs_inside_a_compiled_graph() -> None:
+    """The op's fake gives the compiled graph the right shape: compiled equals eager."""
+    _native_or_skip()
+    layer = kernels.DenseGemvLinear(nn.Linear(96, 40, bias=False).bfloat16(), gemv_upto=1)  # a bias add fuses with "+ 1" (one rounding)
+    x = torch.randn(1, 1, 96).bfloat16()
+    compiled = torch.compile(lambda t: layer(t) + 1, fullgraph=True)
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), layer(x) + 1)
+
+
+def test_without_the_native_gemv_dense_layers_stay_as_they_are(monkeypatch) -> None:
+    monkeypatch.setattr(gemv, "gemv_status", lambda: "c++ failed: no compiler")
+    model = nn.Sequential(nn.Linear(64, 32).bfloat16())
+    report = kernels.swap_in_dense_gemv(model)
+    assert report == {"layers": 0, "layers_with_gemv": 0, "shapes": {}, "unavailable": "c++ failed: no compiler"}
+    assert type(model[0]) is nn.Linear
+
+
+def test_the_stream_dtype_counts_the_dense_linears() -> None:
+    """plan_attention picks the stream dtype by attention plus the dense linears that follow it: with
+    attention alike in both dtypes and an lm_head three times slower in fp32, bf16 wins. Catches a
+    plan that looks at attention alone (which chose an fp32 lm_head by noise at 100 tokens)."""
+    from quantcli.bench.paths import plan_attention
+
+    config = _tied_model().config
+    dense = {torch.bfloat16: 30.0, torch.float32: 90.0}  # far beyond any attention time here
+    plans = plan_attention(config, [8], 2, 1, (torch.bfloat16, torch.float32), torch.device("cpu"), dense)
+    assert plans[8]["kv_cache"] == torch.bfloat16 and plans[8]["decode_dense_linears_ms"] == {"bfloat16": 30.0, "float32": 90.0}
+    dense = {torch.bfloat16: 90.0, torch.float32: 30.0}
+    assert plan_attention(config, [8], 2, 1, (torch.bfloat16, torch.float32), torch.device("cpu"), dense)[8]["kv_cache"] == torch.float32

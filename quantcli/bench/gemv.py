@@ -45,6 +45,7 @@ from torch import Tensor
 from quantcli.bench.native import cpu_has_avx512_bf16, compiled_library
 
 OP = "quantcli::int4_gemv"
+BF16_OP = "quantcli::bf16_gemv"
 
 SOURCE = r"""
 #include <torch/library.h>
@@ -180,8 +181,47 @@ at::Tensor int4_gemv(const at::Tensor &x_in, const at::Tensor &packed_in, const 
     return out;
 }
 
-TORCH_LIBRARY(quantcli, m) { m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_and_zero, int group) -> Tensor"); }
-TORCH_LIBRARY_IMPL(quantcli, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
+/* y[m, n] = sum_k x[m, k] w[n, k] for bf16 x [M, K] and a bf16 row-major w [N, K]: vdpbf16ps (bf16 pairs
+   into float32) over 32 k at a time, four rows of w per pass, each thread a contiguous range of rows
+   (a streaming read of the weight), float32 sums rounded once to bf16. */
+at::Tensor bf16_gemv(const at::Tensor &x_in, const at::Tensor &w_in) {
+    TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && w_in.scalar_type() == at::kBFloat16 &&
+                x_in.size(1) == w_in.size(1), "bf16_gemv: x must be bf16 [M, K], w bf16 [N, K]");
+    at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+    const int M = (int)x.size(0), K = (int)x.size(1), N = (int)w.size(0);
+    at::Tensor out = at::empty({M, N}, x.options());
+    const uint16_t *xp = (const uint16_t *)x.data_ptr(), *wp = (const uint16_t *)w.data_ptr();
+    at::BFloat16 *op = out.data_ptr<at::BFloat16>();
+    const int quads = (N + 3) / 4, threads = std::max(1, std::min(at::get_num_threads(), quads / 16 + 1));
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), count = omp_get_num_threads();
+        const int n0 = 4 * (int)((int64_t)quads * t / count), n1 = std::min(N, 4 * (int)((int64_t)quads * (t + 1) / count));
+        for (int n = n0; n < n1; n += 4) {
+            const int rows = std::min(4, n1 - n);
+            for (int m = 0; m < M; m++) {
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int k = 0; k < K; k += 32) {
+                    const __mmask32 live = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
+                    const __m512bh xs = (__m512bh)_mm512_maskz_loadu_epi16(live, xp + (size_t)m * K + k);
+                    for (int r = 0; r < rows; r++)
+                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(live, wp + (size_t)(n + r) * K + k), xs);
+                }
+                for (int r = 0; r < rows; r++) op[(size_t)m * N + n + r] = at::BFloat16(_mm512_reduce_add_ps(acc[r]));
+            }
+        }
+    }
+    return out;
+}
+
+TORCH_LIBRARY(quantcli, m) {
+    m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_and_zero, int group) -> Tensor");
+    m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(quantcli, CPU, m) {
+    m.impl("int4_gemv", &int4_gemv);
+    m.impl("bf16_gemv", &bf16_gemv);
+}
 """
 
 ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512vnni", "-mavx512bf16", "-mfma")
@@ -230,6 +270,10 @@ def _load() -> str:
     def _(x: Tensor, packed: Tensor, scale_and_zero: Tensor, group: int) -> Tensor:
         return x.new_empty(x.shape[0], scale_and_zero.shape[1])
 
+    @torch.library.register_fake(BF16_OP)
+    def _(x: Tensor, w: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
     return ""
 
 
@@ -253,3 +297,9 @@ def int4_gemv(x: Tensor, packed: Tensor, scale_and_zero: Tensor, group: int) -> 
     """``x @ wᵀ`` bf16 ``[M, N]`` for bf16 ``x [M, K]`` and ATen's CPU int4 pack (see the module
     docstring). Call only after :func:`gemv_status` returned ""."""
     return torch.ops.quantcli.int4_gemv(x, packed, scale_and_zero, group)
+
+
+def bf16_gemv(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ wᵀ`` bf16 ``[M, N]`` for bf16 ``x [M, K]`` and ``w [N, K]``, float32 sums (see the C++
+    source). Call only after :func:`gemv_status` returned ""."""
+    return torch.ops.quantcli.bf16_gemv(x, w)

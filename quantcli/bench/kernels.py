@@ -14,6 +14,10 @@ Kernels used, all from ATen (no extra dependency):
 * ``quantcli::int4_gemv`` CPU decode: reads the same int4 pack as the ATen kernel, several rows per
   call at most (:mod:`quantcli.bench.gemv`, native AVX-512 VNNI, built on first use); used per weight
   shape up to the row count where it measured faster than the ATen kernel (:func:`choose_gemv`).
+* ``quantcli::bf16_gemv`` CPU decode, for the dense bf16 linears a model keeps (an unquantized
+  ``lm_head``; every linear of a bf16 baseline): a streaming AVX-512 BF16 matrix-vector product
+  (:class:`DenseGemvLinear`, :func:`swap_in_dense_gemv`), used per weight shape up to the row count
+  where it measured faster than ATen's dense bf16 matmul.
 * ``dequant-fp`` : a plain ``nn.Linear`` holding the dequantized weight, used for a layer no kernel
   can take; :class:`KernelReport` says which layers and why.
 
@@ -54,6 +58,7 @@ INT8 = "aten._weight_int8pack_mm"
 DEQUANT = "dequant-fp"
 DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense matmul (prefill)
 INT4_GEMV = gemv.OP  # the native AVX-512 VNNI int4 matrix-vector kernel (CPU decode)
+BF16_GEMV = gemv.BF16_OP  # the native AVX-512 BF16 dense matrix-vector kernel (CPU decode)
 DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
 GEMV_PROBE_ROWS = (1, 2, 4, 8)  # rows per call at which quantcli::int4_gemv and the ATen kernel are timed
 DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
@@ -665,6 +670,67 @@ def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS
                     timings[key][m] = time_call(module, x[:m], reps)
     finally:
         module.gemv_upto, module.dense_from = saved_gemv, saved_dense
+    return _fastest_upto(probe_rows, timings, INT4_GEMV, "ATen kernel")
+
+
+class DenseGemvLinear(nn.Module):
+    """A dense ``nn.Linear`` (the same ``weight`` and ``bias`` parameters, so tied weights stay tied)
+    that runs :data:`BF16_GEMV` for bf16 inputs of up to ``gemv_upto`` rows on a bf16 weight on the
+    CPU, and ``F.linear`` otherwise (more rows, another dtype: the stream may be cast per prompt
+    length). ``x [..., in] → [..., out]``."""
+
+    def __init__(self, linear: nn.Linear, gemv_upto: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.gemv_upto = gemv_upto
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.gemv_upto is not None and x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu":
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] <= self.gemv_upto:
+                y = torch.ops.quantcli.bf16_gemv(x2, w)
+                y = y if self.bias is None else y + self.bias
+                return y.reshape(*x.shape[:-1], self.out_features)
+        return nn.functional.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}" + (f", {BF16_GEMV} up to {self.gemv_upto} rows" if self.gemv_upto else "")
+
+
+def choose_dense_gemv(module: DenseGemvLinear, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS, reps: int = 5) -> tuple[int | None, str, dict]:
+    """Up to how many rows per call ``module`` should run :data:`BF16_GEMV` instead of ATen's dense
+    bf16 matmul: its output is checked against ``F.linear``'s on random bf16 rows, then both are
+    timed at each of ``probe_rows``; ``(upto, reason, timings)`` as :func:`choose_gemv` returns."""
+    why = gemv.gemv_status()
+    if why or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu":
+        return None, why or f"weight is {module.weight.dtype} on {module.weight.device.type} (the GEMV takes bf16 on the CPU)", {}
+    probe_rows = tuple(sorted(set(probe_rows)))
+    gen = torch.Generator().manual_seed(0)
+    saved = module.gemv_upto
+    try:
+        with torch.inference_mode():
+            x = torch.randn(max(probe_rows), module.in_features, generator=gen).to(torch.bfloat16)
+            module.gemv_upto = None
+            ref = module(x).float()
+            module.gemv_upto = max(probe_rows)
+            rel = float((module(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+            if not rel <= VERIFY_TOL:
+                return None, f"{BF16_GEMV} differs from F.linear (relative error {rel:.3g})", {}
+            timings: dict[str, dict[int, float]] = {"aten_ms": {}, "gemv_ms": {}}
+            for m in probe_rows:
+                for key, upto in (("aten_ms", None), ("gemv_ms", m)):
+                    module.gemv_upto = upto
+                    timings[key][m] = time_call(module, x[:m], reps)
+    finally:
+        module.gemv_upto = saved
+    return _fastest_upto(probe_rows, timings, BF16_GEMV, "ATen bf16 matmul")
+
+
+def _fastest_upto(probe_rows: tuple[int, ...], timings: dict, native: str, aten: str) -> tuple[int | None, str, dict]:
+    """The largest probed row count up to which ``timings["gemv_ms"]`` beat ``timings["aten_ms"]``
+    at every probe (None: ATen from the first), the reason, and the timings."""
     upto = None
     for m in probe_rows:
         if timings["gemv_ms"][m] >= timings["aten_ms"][m]:
@@ -672,8 +738,31 @@ def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS
         upto = m
     probed = ", ".join(map(str, probe_rows))
     if upto is None:
-        return None, f"ATen kernel faster at {probe_rows[0]} rows (probed {probed})", timings
-    return upto, f"{INT4_GEMV} faster up to {upto} rows (probed {probed})", timings
+        return None, f"{aten} faster at {probe_rows[0]} rows (probed {probed})", timings
+    return upto, f"{native} faster up to {upto} rows (probed {probed})", timings
+
+
+def swap_in_dense_gemv(model: nn.Module, rows: tuple[int, ...] = GEMV_PROBE_ROWS) -> dict:
+    """Wrap every bf16 ``nn.Linear`` of ``model`` on the CPU (the quantized layers are kernel modules
+    by now, so these are the layers a quantized model keeps dense) in a :class:`DenseGemvLinear`
+    that runs :data:`BF16_GEMV` up to the row count measured faster per weight shape
+    (:func:`choose_dense_gemv` at ``rows``). Returns the report: ``{"layers": how many were wrapped,
+    "layers_with_gemv": how many run the GEMV, "shapes": {shape: choice and timings},
+    "unavailable": why it cannot run here ("" when it can)}``."""
+    report: dict = {"layers": 0, "layers_with_gemv": 0, "shapes": {}, "unavailable": gemv.gemv_status()}
+    if report["unavailable"]:
+        return report
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    for name, linear in targets:
+        module = DenseGemvLinear(linear)
+        probe = _per_shape(report["shapes"], module, lambda m: _probe("gemv_upto", *choose_dense_gemv(m, rows)))
+        module.gemv_upto = probe["gemv_upto"]
+        report["layers"] += 1
+        report["layers_with_gemv"] += module.gemv_upto is not None
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+    return report
 
 
 def _probe(name: str, value: int | None, reason: str, timings: dict) -> dict:
@@ -691,7 +780,8 @@ def _per_shape(cache: dict[str, dict], module: nn.Module, measure: Callable[[nn.
 
 def _shape_key(module: nn.Module) -> str:
     extra = "perm" if getattr(module, "perm", None) is not None else ""
-    return f"{type(module).__name__}[{module.out_features}x{module.in_features}]g{getattr(module, 'group_size', '')}{extra}"
+    group = f"g{module.group_size}" if hasattr(module, "group_size") else ""
+    return f"{type(module).__name__}[{module.out_features}x{module.in_features}]{group}{extra}"
 
 
 def swap_in_kernels(

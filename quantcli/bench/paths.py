@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantcli.bench.kernels import DEQUANT_LABEL, INT4_GEMV, INT8_LABEL, KERNEL_MODULES, KernelReport
+from quantcli.bench.kernels import BF16_GEMV, DEQUANT_LABEL, INT4_GEMV, INT8_LABEL, KERNEL_MODULES, KernelReport
 from quantcli.bench.latency import (
     _attention_geometry,
     _forward_kwargs,
@@ -156,27 +156,59 @@ def time_attention(
         return fastest_ms(step, reps) * layers
 
 
+def time_dense_linears(model: nn.Module, dtype: torch.dtype, rows: int, device: torch.device, reps: int = 3) -> float:
+    """Milliseconds of one call of every dense linear ``model`` keeps (an unquantized ``lm_head``;
+    not the low-bit kernels, whose compute dtype is fixed) at ``rows`` rows with the weights in
+    ``dtype``: the work of one decode step that follows the stream dtype. Timed once per weight
+    shape on a random weight (ATen, or :data:`BF16_GEMV` for bf16 on the CPU where faster)."""
+    from quantcli.bench.kernels import DenseGemvLinear, choose_dense_gemv
+
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if type(m) in (nn.Linear, DenseGemvLinear):
+            shapes[(m.out_features, m.in_features)] = shapes.get((m.out_features, m.in_features), 0) + 1
+    gen = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.inference_mode():
+        for (out_features, in_features), count in shapes.items():
+            linear = nn.Linear(in_features, out_features, bias=False, device="meta")
+            linear.weight = nn.Parameter(torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype), requires_grad=False)
+            x = torch.randn(rows, in_features, generator=gen).to(device=device, dtype=dtype)
+            ms = fastest_ms(lambda: (linear(x), synchronize(device)), reps)
+            if dtype == torch.bfloat16 and device.type == "cpu":
+                timings = choose_dense_gemv(DenseGemvLinear(linear), (rows,), reps)[2]
+                ms = min([ms, *timings.get("gemv_ms", {}).values()])
+            total += ms * count
+    return total
+
+
 def plan_attention(
-    config, prompt_lens: list[int], gen: int, batch: int, candidates: tuple[torch.dtype, ...], device: torch.device
+    config, prompt_lens: list[int], gen: int, batch: int, candidates: tuple[torch.dtype, ...], device: torch.device,
+    dense_decode_ms: dict[torch.dtype, float] | None = None,
 ) -> dict[int, dict]:
     """Per prompt length: the KV-cache (and residual-stream) dtype that decodes fastest at the
     cache's mean length ``L + gen/2``, and the dtype that prefill attention is fastest in given
-    that stream dtype, each from :func:`time_attention` over ``candidates``.
+    that stream dtype, each from :func:`time_attention` over ``candidates``. ``dense_decode_ms``
+    (:func:`time_dense_linears` per candidate) is added to each decode time: the dense linears a
+    model keeps follow the stream dtype, and an fp32 ``lm_head`` reads twice the bytes.
 
     Returns ``{L: {"kv_cache": dtype, "prefill_attention": dtype, "decode_attention_ms": {...},
-    "prefill_attention_ms": {...}}}`` (dtype names in the ms dicts).
+    "prefill_attention_ms": {...}}}`` (dtype names in the ms dicts; with ``dense_decode_ms`` also
+    ``"decode_dense_linears_ms"``).
     """
+    dense = dense_decode_ms or dict.fromkeys(candidates, 0.0)
     plans = {}
     for length in prompt_lens:
         cache_len = length + max(gen, 1) // 2
         decode_ms = {d: time_attention(config, cache_len, batch, d, d, "decode", device) for d in candidates}
-        cache = min(candidates, key=decode_ms.__getitem__)
+        cache = min(candidates, key=lambda d: decode_ms[d] + dense[d])
         prefill_ms = {d: time_attention(config, length, batch, d, cache, "prefill", device) for d in candidates}
         plans[length] = {
             "kv_cache": cache,
             "prefill_attention": min(candidates, key=prefill_ms.__getitem__),
             "decode_attention_ms": {_name(d): round(t, 3) for d, t in decode_ms.items()},
             "prefill_attention_ms": {_name(d): round(t, 3) for d, t in prefill_ms.items()},
+            **({"decode_dense_linears_ms": {_name(d): round(t, 3) for d, t in dense.items()}} if dense_decode_ms else {}),
         }
     return plans
 
@@ -221,7 +253,8 @@ class PhasePaths:
                 "attention_and_kv_cache": _name(plan["kv_cache"]),
                 "linears": self.report.path_counts(self.batch) if self.report else {"dense (unquantized)": None},
             },
-            "measured_ms": {"decode_attention": plan["decode_attention_ms"], "prefill_attention": plan["prefill_attention_ms"]},
+            "measured_ms": {"decode_attention": plan["decode_attention_ms"], "prefill_attention": plan["prefill_attention_ms"],
+                            **({"decode_dense_linears": plan["decode_dense_linears_ms"]} if "decode_dense_linears_ms" in plan else {})},
         }
         self.applied[length] = chosen
         return chosen
@@ -257,7 +290,8 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
     candidates = attention_candidates(params.dtype, dtype, device, native_bf16_cpu())
     if progress:
         progress(f"timing attention in {', '.join(map(_name, candidates))} per prompt length")
-    plans = plan_attention(model.config, list(params.prompt_lens), params.gen, params.batch, candidates, device)
+    dense = {d: time_dense_linears(model, d, params.batch, device) for d in candidates} if len(candidates) > 1 else None
+    plans = plan_attention(model.config, list(params.prompt_lens), params.gen, params.batch, candidates, device, dense)
     note = install_phase_attention(model)
     return PhasePaths(model, report, params.batch, plans, dtype, note, tuple(map(_name, candidates)))
 
@@ -267,7 +301,7 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
 # --------------------------------------------------------------------------------------------
 
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::softmax", "aten::_softmax")
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", INT4_GEMV)  # and ATen's low-bit kernels (…pack_mm…)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", INT4_GEMV, BF16_GEMV)  # and ATen's low-bit kernels (…pack_mm…)
 
 
 def profile_phases(

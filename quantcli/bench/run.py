@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantcli.artifact import sha256_file
-from quantcli.bench.kernels import DENSE_PROBE_TOKENS, swap_in_kernels
+from quantcli.bench.kernels import DENSE_PROBE_TOKENS, swap_in_dense_gemv, swap_in_kernels
 from quantcli.bench.kvcache import KV_INT8, int8_kv_cache, measured_kv_bytes_per_token
 from quantcli.bench.w8a8 import w8a8_builder
 from quantcli.bench.latency import (
@@ -186,6 +186,9 @@ def bench_model(
     profile, step = None, None
     if params.profile_steps:
         profile = lambda length, step: profile_phases(model, length, params.profile_steps, device, params.seed, params.batch, step)  # noqa: E731
+    dense_gemv = None
+    if params.fast_paths and device.type == "cpu":  # every model alike: its dense bf16 linears
+        dense_gemv = swap_in_dense_gemv(model, tuple(sorted({1, params.batch})))
     if params.compile_decode and not int8_kv:
         torch.compiler.reset()  # each model compiles afresh: no stale graphs, no recompile limit shared
         step = compiled_greedy_step(model)
@@ -205,6 +208,7 @@ def bench_model(
         "peak_mem_bytes": peak_memory_bytes(device),
         "rss_bytes": current_rss_bytes(),
         "kv_cache": fp,
+        **({"dense_gemv": dense_gemv} if dense_gemv is not None else {}),
         "decode_attention": why_not or "sdpa, query heads packed per KV head (no repeat_kv copy)",
         "results": rows,
     }
