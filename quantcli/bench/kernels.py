@@ -650,27 +650,11 @@ def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS
     why = gemv.gemv_status() or gemv.shape_unsupported(module.out_features, module.in_features, module.group_size)
     if why:
         return None, why, {}
-    probe_rows = tuple(sorted(set(probe_rows)))
-    gen = torch.Generator().manual_seed(0)
-    saved_gemv, saved_dense = module.gemv_upto, module.dense_from
-    module.dense_from = None
+    saved_dense, module.dense_from = module.dense_from, None
     try:
-        with torch.inference_mode():
-            x = torch.randn(max(probe_rows), module.in_features, generator=gen).to(KERNEL_DTYPE)
-            module.gemv_upto = None
-            ref = module(x).float()
-            module.gemv_upto = max(probe_rows)
-            rel = float((module(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
-            if not rel <= VERIFY_TOL:
-                return None, f"{INT4_GEMV} differs from the ATen kernel (relative error {rel:.3g})", {}
-            timings: dict[str, dict[int, float]] = {"aten_ms": {}, "gemv_ms": {}}
-            for m in probe_rows:
-                for key, upto in (("aten_ms", None), ("gemv_ms", m)):
-                    module.gemv_upto = upto
-                    timings[key][m] = time_call(module, x[:m], reps)
+        return _verify_and_time_gemv(module, probe_rows, reps, INT4_GEMV, "ATen kernel")
     finally:
-        module.gemv_upto, module.dense_from = saved_gemv, saved_dense
-    return _fastest_upto(probe_rows, timings, INT4_GEMV, "ATen kernel")
+        module.dense_from = saved_dense
 
 
 class DenseGemvLinear(nn.Module):
@@ -706,18 +690,26 @@ def choose_dense_gemv(module: DenseGemvLinear, probe_rows: tuple[int, ...] = GEM
     why = gemv.gemv_status()
     if why or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu":
         return None, why or f"weight is {module.weight.dtype} on {module.weight.device.type} (the GEMV takes bf16 on the CPU)", {}
+    return _verify_and_time_gemv(module, probe_rows, reps, BF16_GEMV, "ATen bf16 matmul")
+
+
+def _verify_and_time_gemv(module: nn.Module, probe_rows: tuple[int, ...], reps: int, native: str, aten: str) -> tuple[int | None, str, dict]:
+    """For a module that runs ``native`` up to ``module.gemv_upto`` rows and ``aten`` beyond: check
+    the two agree on random bf16 rows, time both at each of ``probe_rows`` (:func:`time_call`) and
+    return ``(upto, reason, timings)``, ``upto`` the largest probed count up to which ``native`` was
+    faster at every probe (None: ``aten`` from the first). ``gemv_upto`` is restored."""
     probe_rows = tuple(sorted(set(probe_rows)))
     gen = torch.Generator().manual_seed(0)
     saved = module.gemv_upto
     try:
         with torch.inference_mode():
-            x = torch.randn(max(probe_rows), module.in_features, generator=gen).to(torch.bfloat16)
+            x = torch.randn(max(probe_rows), module.in_features, generator=gen).to(KERNEL_DTYPE)
             module.gemv_upto = None
             ref = module(x).float()
             module.gemv_upto = max(probe_rows)
             rel = float((module(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
             if not rel <= VERIFY_TOL:
-                return None, f"{BF16_GEMV} differs from F.linear (relative error {rel:.3g})", {}
+                return None, f"{native} differs from the {aten} (relative error {rel:.3g})", {}
             timings: dict[str, dict[int, float]] = {"aten_ms": {}, "gemv_ms": {}}
             for m in probe_rows:
                 for key, upto in (("aten_ms", None), ("gemv_ms", m)):
@@ -725,12 +717,6 @@ def choose_dense_gemv(module: DenseGemvLinear, probe_rows: tuple[int, ...] = GEM
                     timings[key][m] = time_call(module, x[:m], reps)
     finally:
         module.gemv_upto = saved
-    return _fastest_upto(probe_rows, timings, BF16_GEMV, "ATen bf16 matmul")
-
-
-def _fastest_upto(probe_rows: tuple[int, ...], timings: dict, native: str, aten: str) -> tuple[int | None, str, dict]:
-    """The largest probed row count up to which ``timings["gemv_ms"]`` beat ``timings["aten_ms"]``
-    at every probe (None: ATen from the first), the reason, and the timings."""
     upto = None
     for m in probe_rows:
         if timings["gemv_ms"][m] >= timings["aten_ms"][m]:
