@@ -267,3 +267,85 @@ def test_the_stream_dtype_counts_the_dense_linears() -> None:
     assert plans[8]["kv_cache"] == torch.bfloat16 and plans[8]["decode_dense_linears_ms"] == {"bfloat16": 30.0, "float32": 90.0}
     dense = {torch.bfloat16: 90.0, torch.float32: 30.0}
     assert plan_attention(config, [8], 2, 1, (torch.bfloat16, torch.float32), torch.device("cpu"), dense)[8]["kv_cache"] == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# quantcli::int4_gemm_amx: prefill rows through AMX tiles, the weight unpacked once per call
+# ---------------------------------------------------------------------------------------------
+
+
+def _amx_or_skip() -> None:
+    why = gemv.amx_status()
+    if why:
+        pytest.skip(f"quantcli::int4_gemm_amx does not run here: {why}")
+
+
+@pytest.mark.parametrize("n,k,group,rows", [(64, 128, 32, 1), (192, 576, 64, 17), (128, 512, 256, 100), (128, 256, 128, 33)])
+def test_amx_gemm_equals_the_dequantized_weight(n, k, group, rows) -> None:
+    """``x @ wᵀ`` of the layer's own dequantized weight to bf16 precision (the weight is rounded to
+    bf16 in the tiles, as the dense path does), for row counts that fill whole 16-row tiles or not,
+    and every group size it takes. Catches k-pairs or columns out of VNNI order, a group's scale
+    applied to the wrong columns, rows past ``M`` written or the last partial tile dropped."""
+    _amx_or_skip()
+    torch.set_num_threads(2)
+    layer, qw = _layer(n, k, group)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(6)).bfloat16()
+    got = gemv.int4_gemm_amx(x, layer.packed, layer.scale_and_zero, layer.group_size)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert rel_err(got, x.float() @ qw.dequantize().t()) < 2 * BF16_OUT
+
+
+def test_layer_routes_rows_gemv_then_amx_then_dense(monkeypatch) -> None:
+    """With ``gemv_upto = 1``, ``amx`` and ``dense_from = 64``: one row runs the GEMV, 2-63 the AMX
+    GEMM, 64 the dense path. Catches the AMX branch shadowing the GEMV or the dense path."""
+    _amx_or_skip()
+    layer, _ = _layer(64, 128, 32)
+    layer.gemv_upto, layer.amx, layer.dense_from = 1, True, 64
+    calls = []
+    real = torch.ops.quantcli.int4_gemm_amx
+    monkeypatch.setattr(torch.ops.quantcli, "int4_gemm_amx", lambda x, *a: (calls.append(x.shape[0]), real(x, *a))[1])
+    for rows in (1, 2, 63, 64):
+        layer(torch.randn(rows, 128))
+    assert calls == [2, 63]
+    lk = kernels.LayerKernel(INT4_CPU, 4, 32, dense_from=64, gemv_upto=1, amx=True)
+    assert [lk.path(t) for t in (1, 2, 63, 64)] == [INT4_GEMV, kernels.INT4_AMX, kernels.INT4_AMX, kernels.DENSE]
+
+
+@pytest.mark.parametrize("amx_wins", [True, False])
+def test_swap_in_kernels_reports_the_measured_amx_choice(monkeypatch, amx_wins) -> None:
+    """A fake timer decides: where the AMX GEMM is faster at every probe the layers use it and
+    prefill counts it; where not, ATen's kernel stays. Both timings are in the report. Catches a
+    choice that ignores the timings."""
+    _amx_or_skip()
+
+    def fake_time(module, x, reps):
+        if module.dense_from is not None and x.shape[0] >= module.dense_from:
+            return 100.0  # the dense path never wins here
+        return (1.0 if amx_wins else 3.0) if module.amx else 2.0
+
+    monkeypatch.setattr(kernels, "time_call", fake_time)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 128))
+    quantized = {n: quantize_weight(model.get_submodule(n).weight.data, QuantSpec(wbits=4, group=32)) for n in ("0", "1")}
+    report = swap_in_kernels(model, quantized, "cpu", dense_prefill=True, probe_tokens=(8, 32))
+    path = kernels.INT4_AMX if amx_wins else INT4_CPU
+    assert report.path_counts(32) == {path: 2} and all(m.amx == amx_wins for m in model)
+    shapes = report.to_dict()["prefill_amx_shapes"]
+    assert len(shapes) == 2 and all(s["amx"] == amx_wins and set(s["amx_ms"]) == {8, 32} for s in shapes.values())
+
+
+def test_without_amx_the_layers_keep_atens_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(gemv, "amx_status", lambda: "this CPU has no AMX-BF16 tiles")
+    model = nn.Sequential(nn.Linear(128, 64))
+    quantized = {"0": quantize_weight(model[0].weight.data, QuantSpec(wbits=4, group=32))}
+    report = swap_in_kernels(model, quantized, "cpu", dense_prefill=True, probe_tokens=(8,))
+    assert not report.layers["0"].amx and report.layers["0"].amx_reason == "this CPU has no AMX-BF16 tiles"
+    assert report.to_dict()["prefill_amx_unavailable"] == "this CPU has no AMX-BF16 tiles"
+
+
+def test_the_amx_gemm_runs_where_the_cpu_has_amx() -> None:
+    """On a CPU with AMX-BF16 (and the GEMV's instructions) and a compiler, the op builds, Linux grants
+    the tile state and it runs: catches a build or permission failure that silently keeps ATen's kernel."""
+    flags = gemv._cpu_flags()
+    if not ({"amx_tile", "amx_bf16", "avx512vbmi", "avx512_vnni"} <= flags and shutil.which("c++")):
+        pytest.skip("this CPU or machine cannot run the AMX GEMM")
+    assert gemv.amx_status() == ""

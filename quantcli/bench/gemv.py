@@ -1,4 +1,14 @@
-"""A native int4 matrix-vector kernel for decode on AVX-512 CPUs, registered as a torch op.
+"""Native CPU kernels for ``quant bench``, registered as torch ops in one C++ library:
+
+* ``quantcli::int4_gemv`` (decode, AVX-512 VNNI): described below;
+* ``quantcli::bf16_gemv`` (decode, AVX-512 BF16): ``x @ wᵀ`` for the dense bf16 linears a model
+  keeps, a streaming read of ``w`` (four rows per pass, ``vdpbf16ps``, float32 sums);
+* ``quantcli::int4_gemm_amx`` (prefill, AMX-BF16): many rows times ATen's int4 pack; each thread
+  unpacks a 64-row block of ``w`` once per call into bf16 AMX tiles and multiplies every 16 rows of
+  ``x`` by them (``tdpbf16ps``), so no dense copy of the weight is made. :func:`amx_status` says
+  whether Linux granted the tile state.
+
+The int4 matrix-vector kernel:
 
 Decode multiplies a few rows (one per sequence) by every weight, so its time is how fast the
 weights stream through the cores. ``quantcli::int4_gemv`` reads ATen's CPU int4 pack as it is (no
@@ -46,6 +56,7 @@ from quantcli.bench.native import cpu_has_avx512_bf16, compiled_library
 
 OP = "quantcli::int4_gemv"
 BF16_OP = "quantcli::bf16_gemv"
+AMX_OP = "quantcli::int4_gemm_amx"
 
 SOURCE = r"""
 #include <torch/library.h>
@@ -54,6 +65,8 @@ SOURCE = r"""
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -214,17 +227,137 @@ at::Tensor bf16_gemv(const at::Tensor &x_in, const at::Tensor &w_in) {
     return out;
 }
 
+/* int4_gemm_amx: y = x @ wᵀ for bf16 x [M, K] and ATen's CPU int4 pack, for prefill (many rows) on CPUs
+   with AMX. Each thread takes whole 64-row blocks of w: it dequantizes a block once into bf16 AMX tiles
+   (w = scale·q + offset − 8·scale rounded to bf16, as the dense path's unpacking) and multiplies every
+   16 rows of x by them with tdpbf16ps (float32 sums), so the weight is unpacked once per call and no
+   dense copy of it is made. */
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+struct TileConfig { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+
+static bool amx_permitted() {
+    static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return ok;
+}
+
+/* Tiles 0-3: 16x16 float32 sums (four 16-column slices of a 64-row block); 4: 16 rows of x, 32 k;
+   5-7: 16 k-pairs x 16 columns of bf16 weights (VNNI order). */
+static void configure_tiles() {
+    TileConfig cfg{};
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* The bf16 weights of 64-row block b as AMX B tiles: tiles[s][j] (1 KB each) holds k in [32s, 32s + 32)
+   for rows 16j..16j+15 of the block; row r of a tile is the pairs (w[n, 32s + 2r], w[n, 32s + 2r + 1]). */
+static void unpack_block_tiles(const uint8_t *block, const uint32_t *sz, int K, int N, int G, int b, uint16_t *tiles) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i first = _mm512_load_si512(PAIRS[0]), second = _mm512_load_si512(PAIRS[1]);
+    const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512i dup_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i dup_hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+    __m512 scale_lo[4], scale_hi[4], shift_lo[4], shift_hi[4];
+    for (int s = 0; s < K / 32; s++) {
+        if ((32 * s) % G == 0) {  /* a new group: per-column scale and shift, each duplicated for a k-pair */
+            const int g = 32 * s / G;
+            for (int j = 0; j < 4; j++) {
+                __m512i words = _mm512_loadu_si512((const void *)(sz + (size_t)g * N + (size_t)b * 64 + 16 * j));
+                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+                __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, _mm512_castsi512_ps(_mm512_and_si512(words, high16)));
+                scale_lo[j] = _mm512_permutexvar_ps(dup_lo, scale); scale_hi[j] = _mm512_permutexvar_ps(dup_hi, scale);
+                shift_lo[j] = _mm512_permutexvar_ps(dup_lo, shift); shift_hi[j] = _mm512_permutexvar_ps(dup_hi, shift);
+            }
+        }
+        uint16_t *out = tiles + (size_t)s * 4 * 512;
+        for (int r = 0; r < 16; r++) {
+            const int k = 32 * s + 2 * r;
+            __m512i bytes = _mm512_loadu_si512(block + (size_t)k * 32);
+            __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+            __m512i q[4] = {_mm512_permutex2var_epi8(lo, first, zero), _mm512_permutex2var_epi8(lo, second, zero),
+                            _mm512_permutex2var_epi8(hi, first, zero), _mm512_permutex2var_epi8(hi, second, zero)};
+            for (int j = 0; j < 4; j++) {
+                __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(q[j])));
+                __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(q[j], 1)));
+                a = _mm512_fmadd_ps(a, scale_lo[j], shift_lo[j]);
+                c = _mm512_fmadd_ps(c, scale_hi[j], shift_hi[j]);
+                _mm512_store_si512((void *)(out + (size_t)j * 512 + 32 * r), (__m512i)_mm512_cvtne2ps_pbh(c, a));
+            }
+        }
+    }
+}
+
+at::Tensor int4_gemm_amx(const at::Tensor &x_in, const at::Tensor &packed_in, const at::Tensor &sz_in, int64_t group) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "int4_gemm_amx: x must be bf16 [M, K]");
+    TORCH_CHECK(amx_permitted(), "int4_gemm_amx: the kernel did not grant AMX tile data to this process");
+    at::Tensor packed = packed_in.contiguous(), sz = sz_in.contiguous();
+    const int M = (int)x_in.size(0), K = (int)x_in.size(1), N = (int)sz.size(1), G = (int)group;
+    TORCH_CHECK(G >= 32 && G % 32 == 0 && K % G == 0 && sz.size(0) == K / G && N % 64 == 0 && packed.numel() * 2 == (int64_t)N * K,
+                "int4_gemm_amx: shapes do not match ATen's CPU int4 pack (group a multiple of 32)");
+    const int Mp = (M + 15) / 16 * 16;
+    at::Tensor x = x_in.contiguous();
+    if (Mp != M) {  /* whole 16-row tiles of x: the rest zero */
+        at::Tensor padded = at::empty({Mp, K}, x.options());
+        std::memcpy(padded.data_ptr(), x.data_ptr(), (size_t)M * K * 2);
+        std::memset((uint16_t *)padded.data_ptr() + (size_t)M * K, 0, (size_t)(Mp - M) * K * 2);
+        x = padded;
+    }
+    at::Tensor out = at::empty({M, N}, x_in.options());
+    const uint16_t *xp = (const uint16_t *)x.data_ptr();
+    const uint8_t *pp = (const uint8_t *)packed.data_ptr();
+    const uint32_t *sp = (const uint32_t *)sz.data_ptr();
+    uint16_t *op = (uint16_t *)out.data_ptr();
+    const int blocks = N / 64, threads = std::max(1, std::min(at::get_num_threads(), blocks));
+    #pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+        std::vector<uint16_t> raw((size_t)K / 32 * 4 * 512 + 32);
+        uint16_t *tiles = (uint16_t *)(((uintptr_t)raw.data() + 63) & ~(uintptr_t)63);
+        alignas(64) float sums[16 * 64];
+        #pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            unpack_block_tiles(pp + (size_t)b * K * 32, sp, K, N, G, b, tiles);
+            for (int m0 = 0; m0 < Mp; m0 += 16) {
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int s = 0; s < K / 32; s++) {
+                    const uint16_t *bt = tiles + (size_t)s * 4 * 512;
+                    _tile_loadd(4, xp + (size_t)m0 * K + 32 * s, K * 2);
+                    _tile_loadd(5, bt, 64); _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(6, bt + 512, 64); _tile_dpbf16ps(1, 4, 6);
+                    _tile_loadd(7, bt + 1024, 64); _tile_dpbf16ps(2, 4, 7);
+                    _tile_loadd(5, bt + 1536, 64); _tile_dpbf16ps(3, 4, 5);
+                }
+                _tile_stored(0, sums, 256); _tile_stored(1, sums + 16, 256); _tile_stored(2, sums + 32, 256); _tile_stored(3, sums + 48, 256);
+                for (int r = 0; r < 16 && m0 + r < M; r++) {
+                    uint16_t *row = op + (size_t)(m0 + r) * N + (size_t)b * 64;
+                    _mm256_storeu_si256((__m256i *)row, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r)));
+                    _mm256_storeu_si256((__m256i *)(row + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r + 16)));
+                    _mm256_storeu_si256((__m256i *)(row + 32), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r + 32)));
+                    _mm256_storeu_si256((__m256i *)(row + 48), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r + 48)));
+                }
+            }
+        }
+        _tile_release();
+    }
+    return out;
+}
+
 TORCH_LIBRARY(quantcli, m) {
     m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_and_zero, int group) -> Tensor");
     m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
+    m.def("int4_gemm_amx(Tensor x, Tensor packed, Tensor scale_and_zero, int group) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(quantcli, CPU, m) {
     m.impl("int4_gemv", &int4_gemv);
     m.impl("bf16_gemv", &bf16_gemv);
+    m.impl("int4_gemm_amx", &int4_gemm_amx);
 }
 """
 
-ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512vnni", "-mavx512bf16", "-mfma")
+ISA = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16")
 
 _STATE: dict[str, str] = {}
 
@@ -274,6 +407,10 @@ def _load() -> str:
     def _(x: Tensor, w: Tensor) -> Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake(AMX_OP)
+    def _(x: Tensor, packed: Tensor, scale_and_zero: Tensor, group: int) -> Tensor:
+        return x.new_empty(x.shape[0], scale_and_zero.shape[1])
+
     return ""
 
 
@@ -303,3 +440,27 @@ def bf16_gemv(x: Tensor, w: Tensor) -> Tensor:
     """``x @ wᵀ`` bf16 ``[M, N]`` for bf16 ``x [M, K]`` and ``w [N, K]``, float32 sums (see the C++
     source). Call only after :func:`gemv_status` returned ""."""
     return torch.ops.quantcli.bf16_gemv(x, w)
+
+
+def amx_status() -> str:
+    """"" when :func:`int4_gemm_amx` can run here (the library built, the CPU has AMX-BF16, Linux
+    granted this process the AMX tile state), else why not."""
+    why = gemv_status()
+    if why:
+        return why
+    if not {"amx_tile", "amx_bf16"} <= _cpu_flags():
+        return "this CPU has no AMX-BF16 tiles"
+    if "amx" not in _STATE:
+        try:
+            torch.ops.quantcli.int4_gemm_amx(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(64, 16, dtype=torch.uint8),
+                                             torch.zeros(1, 64, 2, dtype=torch.bfloat16), 32)
+            _STATE["amx"] = ""
+        except RuntimeError as err:
+            _STATE["amx"] = str(err).splitlines()[0][:200]
+    return _STATE["amx"]
+
+
+def int4_gemm_amx(x: Tensor, packed: Tensor, scale_and_zero: Tensor, group: int) -> Tensor:
+    """``x @ wᵀ`` bf16 ``[M, N]`` for bf16 ``x [M, K]`` and ATen's CPU int4 pack (groups a multiple of
+    32), through AMX tiles (see the C++ source). Call only after :func:`amx_status` returned ""."""
+    return torch.ops.quantcli.int4_gemm_amx(x, packed, scale_and_zero, group)

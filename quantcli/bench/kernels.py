@@ -14,6 +14,9 @@ Kernels used, all from ATen (no extra dependency):
 * ``quantcli::int4_gemv`` CPU decode: reads the same int4 pack as the ATen kernel, several rows per
   call at most (:mod:`quantcli.bench.gemv`, native AVX-512 VNNI, built on first use); used per weight
   shape up to the row count where it measured faster than the ATen kernel (:func:`choose_gemv`).
+* ``quantcli::int4_gemm_amx`` CPU prefill on AMX CPUs: the same pack, each 64-row block unpacked once
+  per call into bf16 tiles; used per weight shape instead of the ATen kernel for the rows between
+  the GEMV and the dense path where it measured faster at every probe (:func:`choose_amx`).
 * ``quantcli::bf16_gemv`` CPU decode, for the dense bf16 linears a model keeps (an unquantized
   ``lm_head``; every linear of a bf16 baseline): a streaming AVX-512 BF16 matrix-vector product
   (:class:`DenseGemvLinear`, :func:`swap_in_dense_gemv`), used per weight shape up to the row count
@@ -59,6 +62,7 @@ DEQUANT = "dequant-fp"
 DENSE = "dequant-per-call+dense"  # unpack to bf16 once per call, then the dense matmul (prefill)
 INT4_GEMV = gemv.OP  # the native AVX-512 VNNI int4 matrix-vector kernel (CPU decode)
 BF16_GEMV = gemv.BF16_OP  # the native AVX-512 BF16 dense matrix-vector kernel (CPU decode)
+INT4_AMX = gemv.AMX_OP  # the native AMX int4 GEMM (CPU prefill: unpack each weight block once into bf16 tiles)
 DENSE_PROBE_TOKENS = (8, 32, 128, 512)  # token counts at which kernel and dense path are timed
 GEMV_PROBE_ROWS = (1, 2, 4, 8)  # rows per call at which quantcli::int4_gemv and the ATen kernel are timed
 DEQUANT_LABEL = "quantcli::dequantize"  # torch.profiler label of the per-call unpacking
@@ -317,6 +321,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.kernel = INT4_CPU if packed.device.type == "cpu" else INT4_CUDA
         self.dense_from: int | None = None  # from this many rows on: dequantize + dense matmul
         self.gemv_upto: int | None = None  # up to this many rows: quantcli::int4_gemv (CPU decode)
+        self.amx = False  # rows between the GEMV and the dense path: quantcli::int4_gemm_amx, not ATen's kernel
 
     @classmethod
     def from_quantized(
@@ -371,6 +376,8 @@ class Int4WeightOnlyLinear(nn.Module):
             y = nn.functional.linear(x2, self.dense_weight())
         elif self.gemv_upto is not None and x2.shape[0] <= self.gemv_upto:
             y = torch.ops.quantcli.int4_gemv(x2, self.packed, self.scale_and_zero, self.group_size)
+        elif self.amx:
+            y = torch.ops.quantcli.int4_gemm_amx(x2, self.packed, self.scale_and_zero, self.group_size)
         elif self.packed.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_and_zero)
         else:
@@ -482,15 +489,17 @@ class LayerKernel:
     dense_reason: str = ""  # why that threshold (measured, or why there is no dense path)
     gemv_upto: int | None = None  # up to this many tokens per call: quantcli::int4_gemv
     gemv_reason: str = ""  # why (measured, or why the native GEMV does not run)
+    amx: bool = False  # between the two: quantcli::int4_gemm_amx instead of the kernel
+    amx_reason: str = ""  # why (measured, or why the AMX GEMM does not run)
 
     def path(self, tokens: int) -> str:
         """What runs a call with ``tokens`` rows: :data:`DENSE` from ``dense_from`` on,
-        :data:`INT4_GEMV` up to ``gemv_upto``, else the kernel."""
+        :data:`INT4_GEMV` up to ``gemv_upto``, else :data:`INT4_AMX` where chosen, else the kernel."""
         if self.dense_from is not None and tokens >= self.dense_from:
             return DENSE
         if self.gemv_upto is not None and tokens <= self.gemv_upto:
             return INT4_GEMV
-        return self.kernel
+        return INT4_AMX if self.amx else self.kernel
 
 
 @dataclass
@@ -502,6 +511,8 @@ class KernelReport:
     shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: kernel vs dense timings
     gemv_shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: ATen vs native GEMV timings
     gemv: str = ""  # why quantcli::int4_gemv cannot run here ("" when it can or was not asked for)
+    amx_shapes: dict[str, dict] = field(default_factory=dict)  # per weight shape: ATen kernel vs AMX GEMM timings
+    amx: str = ""  # why quantcli::int4_gemm_amx cannot run here ("" when it can or was not asked for)
     unpack: str = ""  # how the dense prefill path unpacks int4 weights ("" when no layer has that path)
     int8_forward: str = ""  # how the int8 GEMM's activation quantization and epilogue run ("" without W8A8 layers)
 
@@ -533,6 +544,8 @@ class KernelReport:
             "dense_prefill_unpack": self.unpack,
             "decode_gemv_shapes": self.gemv_shapes,
             "decode_gemv_unavailable": self.gemv,
+            "prefill_amx_shapes": self.amx_shapes,
+            "prefill_amx_unavailable": self.amx,
             "int8_forward": self.int8_forward,
             "layers": {name: asdict(lk) for name, lk in self.layers.items()},
         }
@@ -693,6 +706,43 @@ def choose_dense_gemv(module: DenseGemvLinear, probe_rows: tuple[int, ...] = GEM
     return _verify_and_time_gemv(module, probe_rows, reps, BF16_GEMV, "ATen bf16 matmul")
 
 
+def choose_amx(module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TOKENS, reps: int = 3) -> tuple[bool, str, dict]:
+    """Whether ``module`` (an :class:`Int4WeightOnlyLinear` on the CPU) should run :data:`INT4_AMX`
+    instead of ATen's int4 kernel for calls of more rows than the GEMV takes (below the dense path).
+
+    Checks the AMX GEMM's output against ATen's on random bf16 rows, then times both (:func:`time_call`)
+    at each of ``probe_tokens`` and returns ``(use, reason, timings)``: used where faster at every
+    probe. The dense-prefill threshold is measured afterwards against whichever won.
+    """
+    why = gemv.amx_status() or ("" if module.group_size % 32 == 0 else f"group {module.group_size} is not a multiple of 32")
+    why = why or gemv.shape_unsupported(module.out_features, module.in_features, module.group_size)
+    if why:
+        return False, why, {}
+    probe_tokens = tuple(sorted(set(probe_tokens)))
+    saved = module.amx, module.gemv_upto, module.dense_from
+    module.gemv_upto = module.dense_from = None
+    try:
+        with torch.inference_mode():
+            x = torch.randn(max(probe_tokens), module.in_features, generator=torch.Generator().manual_seed(0)).to(KERNEL_DTYPE)
+            module.amx = False
+            ref = module(x[:20]).float()
+            module.amx = True
+            rel = float((module(x[:20]).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+            if not rel <= VERIFY_TOL:
+                return False, f"{INT4_AMX} differs from the ATen kernel (relative error {rel:.3g})", {}
+            timings: dict[str, dict[int, float]] = {"aten_ms": {}, "amx_ms": {}}
+            for m in probe_tokens:
+                for key, use in (("aten_ms", False), ("amx_ms", True)):
+                    module.amx = use
+                    timings[key][m] = time_call(module, x[:m], reps)
+    finally:
+        module.amx, module.gemv_upto, module.dense_from = saved
+    probed = ", ".join(map(str, probe_tokens))
+    if all(timings["amx_ms"][m] < timings["aten_ms"][m] for m in probe_tokens):
+        return True, f"{INT4_AMX} faster at every probe ({probed} tokens)", timings
+    return False, f"ATen kernel faster at some of {probed} tokens", timings
+
+
 def _verify_and_time_gemv(module: nn.Module, probe_rows: tuple[int, ...], reps: int, native: str, aten: str) -> tuple[int | None, str, dict]:
     """For a module that runs ``native`` up to ``module.gemv_upto`` rows and ``aten`` beyond: check
     the two agree on random bf16 rows, time both at each of ``probe_rows`` (:func:`time_call`) and
@@ -810,6 +860,10 @@ def swap_in_kernels(
             if not dense_prefill:
                 choice.dense_reason = "dense prefill not requested"
             else:
+                if choice.kernel == INT4_CPU:  # first the multi-row kernel, then the dense path against it
+                    amx = _per_shape(report.amx_shapes, module, lambda m: _probe("amx", *choose_amx(m, probe_tokens)))
+                    module.amx = choice.amx = amx["amx"]
+                    choice.amx_reason = amx["reason"]
                 probe = _per_shape(report.shapes, module, lambda m: _probe("dense_from", *choose_dense_threshold(m, probe_tokens)))
                 module.dense_from = choice.dense_from = probe["dense_from"]
                 choice.dense_reason = probe["reason"]
@@ -825,4 +879,6 @@ def swap_in_kernels(
         report.unpack = fused_unpacker()[1]
     if decode_gemv and any(lk.kernel == INT4_CPU for lk in report.layers.values()):
         report.gemv = gemv.gemv_status()
+    if dense_prefill and builder is None and any(lk.kernel == INT4_CPU for lk in report.layers.values()):
+        report.amx = gemv.amx_status()
     return report

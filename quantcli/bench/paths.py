@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantcli.bench.kernels import BF16_GEMV, DEQUANT_LABEL, INT4_GEMV, INT8_LABEL, KERNEL_MODULES, KernelReport
+from quantcli.bench.kernels import BF16_GEMV, DEQUANT_LABEL, INT4_AMX, INT4_GEMV, INT8_LABEL, KERNEL_MODULES, KernelReport
 from quantcli.bench.latency import (
     _attention_geometry,
     _forward_kwargs,
@@ -301,7 +301,7 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
 # --------------------------------------------------------------------------------------------
 
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::softmax", "aten::_softmax")
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", INT4_GEMV, BF16_GEMV)  # and ATen's low-bit kernels (…pack_mm…)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", INT4_GEMV, BF16_GEMV, INT4_AMX)  # and ATen's low-bit kernels (…pack_mm…)
 
 
 def profile_phases(
