@@ -243,8 +243,8 @@ static bool amx_permitted() {
     return ok;
 }
 
-/* Tiles 0-3: 16x16 float32 sums (four 16-column slices of a 64-row block); 4: 16 rows of x, 32 k;
-   5-7: 16 k-pairs x 16 columns of bf16 weights (VNNI order). */
+/* Tiles 0-3: 16 x 16 float32 sums (2 x 2: two 16-row tiles of x by two 16-column slices of a block);
+   4-5: 16 rows of x by 32 k; 6-7: 16 k-pairs by 16 columns of bf16 weights (VNNI order). */
 static void configure_tiles() {
     TileConfig cfg{};
     cfg.palette = 1;
@@ -297,9 +297,9 @@ at::Tensor int4_gemm_amx(const at::Tensor &x_in, const at::Tensor &packed_in, co
     const int M = (int)x_in.size(0), K = (int)x_in.size(1), N = (int)sz.size(1), G = (int)group;
     TORCH_CHECK(G >= 32 && G % 32 == 0 && K % G == 0 && sz.size(0) == K / G && N % 64 == 0 && packed.numel() * 2 == (int64_t)N * K,
                 "int4_gemm_amx: shapes do not match ATen's CPU int4 pack (group a multiple of 32)");
-    const int Mp = (M + 15) / 16 * 16;
+    const int Mp = (M + 31) / 32 * 32;  /* whole pairs of 16-row tiles: the rest zero */
     at::Tensor x = x_in.contiguous();
-    if (Mp != M) {  /* whole 16-row tiles of x: the rest zero */
+    if (Mp != M) {
         at::Tensor padded = at::empty({Mp, K}, x.options());
         std::memcpy(padded.data_ptr(), x.data_ptr(), (size_t)M * K * 2);
         std::memset((uint16_t *)padded.data_ptr() + (size_t)M * K, 0, (size_t)(Mp - M) * K * 2);
@@ -316,27 +316,30 @@ at::Tensor int4_gemm_amx(const at::Tensor &x_in, const at::Tensor &packed_in, co
         configure_tiles();
         std::vector<uint16_t> raw((size_t)K / 32 * 4 * 512 + 32);
         uint16_t *tiles = (uint16_t *)(((uintptr_t)raw.data() + 63) & ~(uintptr_t)63);
-        alignas(64) float sums[16 * 64];
+        alignas(64) float sums[32 * 32];
         #pragma omp for schedule(static)
         for (int b = 0; b < blocks; b++) {
             unpack_block_tiles(pp + (size_t)b * K * 32, sp, K, N, G, b, tiles);
-            for (int m0 = 0; m0 < Mp; m0 += 16) {
-                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                for (int s = 0; s < K / 32; s++) {
-                    const uint16_t *bt = tiles + (size_t)s * 4 * 512;
-                    _tile_loadd(4, xp + (size_t)m0 * K + 32 * s, K * 2);
-                    _tile_loadd(5, bt, 64); _tile_dpbf16ps(0, 4, 5);
-                    _tile_loadd(6, bt + 512, 64); _tile_dpbf16ps(1, 4, 6);
-                    _tile_loadd(7, bt + 1024, 64); _tile_dpbf16ps(2, 4, 7);
-                    _tile_loadd(5, bt + 1536, 64); _tile_dpbf16ps(3, 4, 5);
-                }
-                _tile_stored(0, sums, 256); _tile_stored(1, sums + 16, 256); _tile_stored(2, sums + 32, 256); _tile_stored(3, sums + 48, 256);
-                for (int r = 0; r < 16 && m0 + r < M; r++) {
-                    uint16_t *row = op + (size_t)(m0 + r) * N + (size_t)b * 64;
-                    _mm256_storeu_si256((__m256i *)row, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r)));
-                    _mm256_storeu_si256((__m256i *)(row + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r + 16)));
-                    _mm256_storeu_si256((__m256i *)(row + 32), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r + 32)));
-                    _mm256_storeu_si256((__m256i *)(row + 48), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 64 * r + 48)));
+            for (int m0 = 0; m0 < Mp; m0 += 32) {
+                for (int h = 0; h < 2; h++) {  /* columns 32h..32h+31 of the block: 2 x 2 tiles of 16 x 16 sums */
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    const uint16_t *a = xp + (size_t)m0 * K;
+                    for (int s = 0; s < K / 32; s++) {
+                        const uint16_t *bt = tiles + (size_t)s * 4 * 512 + (size_t)h * 1024;
+                        _tile_loadd(4, a + 32 * s, K * 2);
+                        _tile_loadd(6, bt, 64);
+                        _tile_loadd(5, a + (size_t)16 * K + 32 * s, K * 2);
+                        _tile_loadd(7, bt + 512, 64);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, sums, 128); _tile_stored(1, sums + 16, 128);
+                    _tile_stored(2, sums + 16 * 32, 128); _tile_stored(3, sums + 16 * 32 + 16, 128);
+                    for (int r = 0; r < 32 && m0 + r < M; r++) {
+                        uint16_t *row = op + (size_t)(m0 + r) * N + (size_t)b * 64 + 32 * h;
+                        _mm256_storeu_si256((__m256i *)row, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 32 * r)));
+                        _mm256_storeu_si256((__m256i *)(row + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 32 * r + 16)));
+                    }
                 }
             }
         }

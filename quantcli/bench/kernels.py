@@ -16,7 +16,7 @@ Kernels used, all from ATen (no extra dependency):
   shape up to the row count where it measured faster than the ATen kernel (:func:`choose_gemv`).
 * ``quantcli::int4_gemm_amx`` CPU prefill on AMX CPUs: the same pack, each 64-row block unpacked once
   per call into bf16 tiles; used per weight shape instead of the ATen kernel for the rows between
-  the GEMV and the dense path where it measured faster at every probe (:func:`choose_amx`).
+  the GEMV and the dense path where it measured faster over the probes (:func:`choose_amx`).
 * ``quantcli::bf16_gemv`` CPU decode, for the dense bf16 linears a model keeps (an unquantized
   ``lm_head``; every linear of a bf16 baseline): a streaming AVX-512 BF16 matrix-vector product
   (:class:`DenseGemvLinear`, :func:`swap_in_dense_gemv`), used per weight shape up to the row count
@@ -711,8 +711,8 @@ def choose_amx(module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TO
     instead of ATen's int4 kernel for calls of more rows than the GEMV takes (below the dense path).
 
     Checks the AMX GEMM's output against ATen's on random bf16 rows, then times both (:func:`time_call`)
-    at each of ``probe_tokens`` and returns ``(use, reason, timings)``: used where faster at every
-    probe. The dense-prefill threshold is measured afterwards against whichever won.
+    at each of ``probe_tokens`` and returns ``(use, reason, timings)``: used where its total over the
+    probes is smaller. The dense-prefill threshold is measured afterwards against whichever won.
     """
     why = gemv.amx_status() or ("" if module.group_size % 32 == 0 else f"group {module.group_size} is not a multiple of 32")
     why = why or gemv.shape_unsupported(module.out_features, module.in_features, module.group_size)
@@ -738,9 +738,10 @@ def choose_amx(module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TO
     finally:
         module.amx, module.gemv_upto, module.dense_from = saved
     probed = ", ".join(map(str, probe_tokens))
-    if all(timings["amx_ms"][m] < timings["aten_ms"][m] for m in probe_tokens):
-        return True, f"{INT4_AMX} faster at every probe ({probed} tokens)", timings
-    return False, f"ATen kernel faster at some of {probed} tokens", timings
+    amx, aten = sum(timings["amx_ms"].values()), sum(timings["aten_ms"].values())
+    if amx < aten:
+        return True, f"{INT4_AMX} faster over the probes ({probed} tokens: {amx:.3g} vs {aten:.3g} ms)", timings
+    return False, f"ATen kernel faster over the probes ({probed} tokens: {aten:.3g} vs {amx:.3g} ms)", timings
 
 
 def _verify_and_time_gemv(module: nn.Module, probe_rows: tuple[int, ...], reps: int, native: str, aten: str) -> tuple[int | None, str, dict]:
