@@ -1,6 +1,6 @@
 """Run quantized linears through real low-bit matmul kernels (not dequantize-then-matmul).
 
-Kernels used, all from ATen (no extra dependency):
+Kernels used, ATen's and quantcli's own native ones (no extra dependency):
 
 * ``int4``  CPU : ``aten._convert_weight_to_int4pack_for_cpu`` + ``aten._weight_int4pack_mm_for_cpu``
             CUDA: ``aten._convert_weight_to_int4pack`` + ``aten._weight_int4pack_mm`` (bf16, sm80+)
@@ -722,21 +722,12 @@ def choose_amx(module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TO
     saved = module.amx, module.gemv_upto, module.dense_from
     module.gemv_upto = module.dense_from = None
     try:
-        with torch.inference_mode():
-            x = torch.randn(max(probe_tokens), module.in_features, generator=torch.Generator().manual_seed(0)).to(KERNEL_DTYPE)
-            module.amx = False
-            ref = module(x[:20]).float()
-            module.amx = True
-            rel = float((module(x[:20]).float() - ref).norm() / ref.norm().clamp(min=1e-12))
-            if not rel <= VERIFY_TOL:
-                return False, f"{INT4_AMX} differs from the ATen kernel (relative error {rel:.3g})", {}
-            timings: dict[str, dict[int, float]] = {"aten_ms": {}, "amx_ms": {}}
-            for m in probe_tokens:
-                for key, use in (("aten_ms", False), ("amx_ms", True)):
-                    module.amx = use
-                    timings[key][m] = time_call(module, x[:m], reps)
+        timings, why = _verify_and_time(module, probe_tokens, reps, lambda rows: setattr(module, "amx", rows is not None),
+                                        INT4_AMX, "ATen kernel", "amx_ms", verify_rows=20)
     finally:
         module.amx, module.gemv_upto, module.dense_from = saved
+    if why:
+        return False, why, {}
     probed = ", ".join(map(str, probe_tokens))
     amx, aten = sum(timings["amx_ms"].values()), sum(timings["aten_ms"].values())
     if amx < aten:
@@ -744,30 +735,47 @@ def choose_amx(module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TO
     return False, f"ATen kernel faster over the probes ({probed} tokens: {aten:.3g} vs {amx:.3g} ms)", timings
 
 
+def _verify_and_time(
+    module: nn.Module, probe_rows: tuple[int, ...], reps: int, use_native: Callable[[int | None], None],
+    native: str, aten: str, native_key: str, verify_rows: int | None = None,
+) -> tuple[dict[str, dict[int, float]], str]:
+    """Check a native path against ATen's and time both on random bf16 rows. ``use_native(rows)``
+    switches ``module`` to the native path for calls of up to ``rows`` rows (None: ATen's). The two
+    must agree on ``verify_rows`` rows (default: the largest probe) within :data:`VERIFY_TOL`; then
+    each is timed (:func:`time_call`) at every ``probe_rows`` count. Returns ``({"aten_ms": {rows:
+    ms}, native_key: {rows: ms}}, "")``, or ``({}, why)`` where they disagree. The caller restores
+    the module's state."""
+    x = torch.randn(max(probe_rows), module.in_features, generator=torch.Generator().manual_seed(0)).to(KERNEL_DTYPE)
+    check = x[:verify_rows] if verify_rows is not None else x
+    with torch.inference_mode():
+        use_native(None)
+        ref = module(check).float()
+        use_native(max(probe_rows))
+        rel = float((module(check).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+        if not rel <= VERIFY_TOL:
+            return {}, f"{native} differs from the {aten} (relative error {rel:.3g})"
+        timings: dict[str, dict[int, float]] = {"aten_ms": {}, native_key: {}}
+        for m in probe_rows:
+            for key, rows in (("aten_ms", None), (native_key, m)):
+                use_native(rows)
+                timings[key][m] = time_call(module, x[:m], reps)
+    return timings, ""
+
+
 def _verify_and_time_gemv(module: nn.Module, probe_rows: tuple[int, ...], reps: int, native: str, aten: str) -> tuple[int | None, str, dict]:
     """For a module that runs ``native`` up to ``module.gemv_upto`` rows and ``aten`` beyond: check
-    the two agree on random bf16 rows, time both at each of ``probe_rows`` (:func:`time_call`) and
-    return ``(upto, reason, timings)``, ``upto`` the largest probed count up to which ``native`` was
-    faster at every probe (None: ``aten`` from the first). ``gemv_upto`` is restored."""
+    and time both (:func:`_verify_and_time`) and return ``(upto, reason, timings)``, ``upto`` the
+    largest probed count up to which ``native`` was faster at every probe (None: ``aten`` from the
+    first). ``gemv_upto`` is restored."""
     probe_rows = tuple(sorted(set(probe_rows)))
-    gen = torch.Generator().manual_seed(0)
     saved = module.gemv_upto
     try:
-        with torch.inference_mode():
-            x = torch.randn(max(probe_rows), module.in_features, generator=gen).to(KERNEL_DTYPE)
-            module.gemv_upto = None
-            ref = module(x).float()
-            module.gemv_upto = max(probe_rows)
-            rel = float((module(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
-            if not rel <= VERIFY_TOL:
-                return None, f"{native} differs from the {aten} (relative error {rel:.3g})", {}
-            timings: dict[str, dict[int, float]] = {"aten_ms": {}, "gemv_ms": {}}
-            for m in probe_rows:
-                for key, upto in (("aten_ms", None), ("gemv_ms", m)):
-                    module.gemv_upto = upto
-                    timings[key][m] = time_call(module, x[:m], reps)
+        timings, why = _verify_and_time(module, probe_rows, reps, lambda rows: setattr(module, "gemv_upto", rows),
+                                        native, aten, "gemv_ms")
     finally:
         module.gemv_upto = saved
+    if why:
+        return None, why, {}
     upto = None
     for m in probe_rows:
         if timings["gemv_ms"][m] >= timings["aten_ms"][m]:
