@@ -317,7 +317,10 @@ def test_bench_cli_reports_paths_and_writes_plot(tiny_model_dir, tmp_path) -> No
     probed = [set(shape["dense_ms"]) for shape in out["kernels"]["dense_prefill_shapes"].values() if "dense_ms" in shape]
     assert probed and all({"8", "16"} <= keys for keys in probed), out["kernels"]["dense_prefill_shapes"]
     for model in (out, out["baseline"]):  # both decodes read the KV cache in place
-        assert model["decode_attention"].startswith("sdpa, query heads packed"), model.get("decode_attention")
+        attention = model["decode_attention"]
+        assert attention["packed"].startswith("query heads packed"), attention
+        assert attention["kernel"] in ("sdpa", "quantcli::decode_attention"), attention  # chosen, with why
+        assert "measured_ms" in attention or "native_unavailable" in attention, attention
     for model in (out, out["baseline"]):  # a per-phase profile at every prompt length
         for row in model["results"]:
             assert row["profile"]["prefill"]["wall_ms"] > 0 and "dequantize_ms" in row["profile"]["decode_per_step"]

@@ -387,6 +387,18 @@ def _command() -> tuple[list[str], tuple[str, ...]]:
     return compile_flags, (f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-lc10", "-ltorch_cpu")
 
 
+def build_and_load(name: str, source: str) -> str:
+    """Compile C++ ``source`` that registers torch ops (cached by its hash) and load it: "" or why not."""
+    lib, why = compiled_library(name, source, ".cpp", *_command())
+    if lib is None:
+        return why
+    try:
+        torch.ops.load_library(str(lib))
+    except (OSError, RuntimeError) as err:
+        return f"cannot load {lib}: {str(err).splitlines()[0][:200]}"
+    return ""
+
+
 def _load() -> str:
     if platform.system() != "Linux":
         return f"the int4 GEMV is built for Linux only (this is {platform.system()})"
@@ -394,13 +406,9 @@ def _load() -> str:
         return f"this CPU lacks AVX-512 BF16, VBMI or VNNI (vector unit: {torch.backends.cpu.get_cpu_capability()})"
     if not (Path(torch.__file__).parent / "include" / "torch" / "library.h").exists():
         return "this torch build ships no C++ headers"
-    lib, why = compiled_library("int4_gemv", SOURCE, ".cpp", *_command())
-    if lib is None:
+    why = build_and_load("int4_gemv", SOURCE)
+    if why:
         return why
-    try:
-        torch.ops.load_library(str(lib))
-    except (OSError, RuntimeError) as err:
-        return f"cannot load {lib}: {str(err).splitlines()[0][:200]}"
 
     @torch.library.register_fake(OP)
     def _(x: Tensor, packed: Tensor, scale_and_zero: Tensor, group: int) -> Tensor:

@@ -7,6 +7,9 @@
   fastest for ``L`` queries given that stream (q, k, v cast for the call). Measured with
   :func:`time_attention` on the model's own head geometry; the candidates are bf16 and fp32 where
   the device computes bf16 natively (CUDA, AVX512-BF16/AMX CPUs), else the one ``--dtype`` named.
+* Decode attention over a bf16 cache on the CPU: ``quantcli::decode_attention``
+  (:mod:`quantcli.bench.decode_attention`) or SDPA, whichever measured faster for the model's head
+  geometry over the prompt lengths run (:func:`choose_decode_attention`, every model alike).
 * :func:`profile_phases` says where the time of one prefill + decode goes (attention, matmuls,
   dequantization, the rest), so a missed target can be explained.
 
@@ -23,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from quantcli.bench import decode_attention as native_attention
 from quantcli.bench.kernels import BF16_GEMV, DEQUANT_LABEL, INT4_AMX, INT4_GEMV, INT8_LABEL, KERNEL_MODULES, KernelReport
 from quantcli.bench.latency import (
     _attention_geometry,
@@ -35,6 +39,8 @@ from quantcli.bench.latency import (
 
 PHASE_ATTENTION = "quantcli_phase_sdpa"  # transformers attention implementation registered below
 PREFILL_DTYPE_ATTR = "quantcli_prefill_dtype"  # set on attention modules: dtype of prefill attention
+NATIVE_DECODE_ATTR = "quantcli_native_decode"  # set on attention modules: decode through quantcli::decode_attention
+DECODE_CHOICE_ATTR = "quantcli_decode_attention"  # set on the model: what choose_decode_attention measured and chose
 
 
 def packed_decode_sdpa(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None] | None:
@@ -44,15 +50,20 @@ def packed_decode_sdpa(module, query, key, value, attention_mask, **kwargs) -> t
     SDPA path takes under ``torch.compile``; its eager decode packs the same way). The same
     arithmetic per head (softmax of scaled q·k over the masked keys, times v). Returns
     ``(out [B, 1, H, D], None)``, or None where packing does not apply (one query head per KV
-    head, more than one query token, a per-head mask, a position bias or softcap)."""
+    head without the native kernel, more than one query token, a per-head mask, a position bias or
+    softcap). Where the module was chosen for it (:func:`choose_decode_attention`) and the inputs
+    suit it, :func:`quantcli.bench.decode_attention.decode_attention` computes it instead of SDPA."""
     groups = getattr(module, "num_key_value_groups", 1)
+    native = getattr(module, NATIVE_DECODE_ATTR, False)
     per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
-    if query.shape[2] != 1 or groups <= 1 or per_head_mask or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+    if query.shape[2] != 1 or (groups <= 1 and not native) or per_head_mask or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return None
     batch, heads, _, dim = query.shape
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=kwargs.get("scaling"),
-    )
+    packed, scale = query.reshape(batch, heads // groups, groups, dim), kwargs.get("scaling")
+    if native and not native_attention.unsupported(packed, key, attention_mask):
+        out = native_attention.decode_attention(packed, key, value, attention_mask, dim**-0.5 if scale is None else scale)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scale)
     return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
@@ -116,19 +127,26 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype, keep: tuple[type, ..
 
 def set_prefill_attention_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
     """Make :func:`_phase_sdpa` run prefill attention in ``dtype`` (None: the stream's dtype)."""
-    for module in model.modules():
-        if hasattr(module, "num_key_value_groups") or type(module).__name__.endswith("Attention"):
-            setattr(module, PREFILL_DTYPE_ATTR, dtype)
+    for module in attention_modules(model):
+        setattr(module, PREFILL_DTYPE_ATTR, dtype)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules (those :func:`_phase_sdpa` is called with)."""
+    return [m for m in model.modules() if hasattr(m, "num_key_value_groups") or type(m).__name__.endswith("Attention")]
 
 
 def time_attention(
-    config, length: int, batch: int, dtype: torch.dtype, stream: torch.dtype, phase: str, device: torch.device, reps: int = 3
+    config, length: int, batch: int, dtype: torch.dtype, stream: torch.dtype, phase: str, device: torch.device, reps: int = 3,
+    native: bool = False,
 ) -> float:
     """Milliseconds of one forward's attention over all layers, fastest of ``reps`` (× layers).
 
     ``decode``: append one token to a ``[batch, KV, length, D]`` cache in ``dtype`` and attend
-    one query (the work a decode step does per layer). ``prefill``: causal SDPA of ``length``
-    queries, inputs made in ``stream`` and cast to ``dtype`` inside the timed call.
+    one query per head, the heads packed per KV head as :func:`packed_decode_sdpa` runs them (the
+    work a decode step does per layer), through SDPA or with ``native`` through
+    :func:`quantcli.bench.decode_attention.decode_attention`. ``prefill``: causal SDPA of
+    ``length`` queries, inputs made in ``stream`` and cast to ``dtype`` inside the timed call.
     """
     layers, heads, kv_heads, head_dim = _attention_geometry(config)
     gen = torch.Generator().manual_seed(0)
@@ -136,16 +154,18 @@ def time_attention(
     def rand(*shape, dt):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dt)
 
-    gqa = {"enable_gqa": True} if heads != kv_heads else {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if phase == "decode":
-        q, k, v = rand(batch, heads, 1, head_dim, dt=dtype), rand(batch, kv_heads, length, head_dim, dt=dtype), rand(batch, kv_heads, length, head_dim, dt=dtype)
+        q = rand(batch, kv_heads, heads // kv_heads, head_dim, dt=dtype)
+        k, v = rand(batch, kv_heads, length, head_dim, dt=dtype), rand(batch, kv_heads, length, head_dim, dt=dtype)
         new = rand(batch, kv_heads, 1, head_dim, dt=dtype)
+        attend = native_attention.decode_attention if native else (lambda q, k, v, mask, scale: sdpa(q, k, v, scale=scale))
 
         def step():
-            sdpa(q, torch.cat([k, new], dim=-2), torch.cat([v, new], dim=-2), **gqa)
+            attend(q, torch.cat([k, new], dim=-2), torch.cat([v, new], dim=-2), None, head_dim**-0.5)
             synchronize(device)
     else:
+        gqa = {"enable_gqa": True} if heads != kv_heads else {}
         q, k, v = rand(batch, heads, length, head_dim, dt=stream), rand(batch, kv_heads, length, head_dim, dt=stream), rand(batch, kv_heads, length, head_dim, dt=stream)
 
         def step():
@@ -183,15 +203,22 @@ def time_dense_linears(model: nn.Module, dtype: torch.dtype, rows: int, device: 
     return total
 
 
+def mean_cache_len(length: int, gen: int) -> int:
+    """The KV cache's mean length while ``gen`` tokens are decoded after a prompt of ``length``."""
+    return length + max(gen, 1) // 2
+
+
 def plan_attention(
     config, prompt_lens: list[int], gen: int, batch: int, candidates: tuple[torch.dtype, ...], device: torch.device,
-    dense_decode_ms: dict[torch.dtype, float] | None = None,
+    dense_decode_ms: dict[torch.dtype, float] | None = None, native_decode: bool = False,
 ) -> dict[int, dict]:
     """Per prompt length: the KV-cache (and residual-stream) dtype that decodes fastest at the
     cache's mean length ``L + gen/2``, and the dtype that prefill attention is fastest in given
     that stream dtype, each from :func:`time_attention` over ``candidates``. ``dense_decode_ms``
     (:func:`time_dense_linears` per candidate) is added to each decode time: the dense linears a
-    model keeps follow the stream dtype, and an fp32 ``lm_head`` reads twice the bytes.
+    model keeps follow the stream dtype, and an fp32 ``lm_head`` reads twice the bytes. With
+    ``native_decode`` (:func:`choose_decode_attention` chose it) bf16 decode is timed through
+    ``quantcli::decode_attention``, as the model will run it.
 
     Returns ``{L: {"kv_cache": dtype, "prefill_attention": dtype, "decode_attention_ms": {...},
     "prefill_attention_ms": {...}}}`` (dtype names in the ms dicts; with ``dense_decode_ms`` also
@@ -200,8 +227,9 @@ def plan_attention(
     dense = dense_decode_ms or dict.fromkeys(candidates, 0.0)
     plans = {}
     for length in prompt_lens:
-        cache_len = length + max(gen, 1) // 2
-        decode_ms = {d: time_attention(config, cache_len, batch, d, d, "decode", device) for d in candidates}
+        cache_len = mean_cache_len(length, gen)
+        decode_ms = {d: time_attention(config, cache_len, batch, d, d, "decode", device, native=native_decode and d == torch.bfloat16)
+                     for d in candidates}
         cache = min(candidates, key=lambda d: decode_ms[d] + dense[d])
         prefill_ms = {d: time_attention(config, length, batch, d, cache, "prefill", device) for d in candidates}
         plans[length] = {
@@ -271,6 +299,45 @@ class PhasePaths:
         }
 
 
+NATIVE_DECODE = native_attention.OP
+SDPA_DECODE = "sdpa"
+
+
+def choose_decode_attention(model: nn.Module, params, dtype: torch.dtype) -> dict:
+    """Run decode attention over a ``dtype`` KV cache through ``quantcli::decode_attention`` where it is
+    faster than SDPA for ``model``: one decode step's attention over all layers, the model's head
+    geometry, timed both ways (:func:`time_attention`) at the mean cache length of every prompt length
+    in ``params`` and chosen by the total. Sets the choice on the model's attention modules, once per
+    model (a second call returns the first one's result).
+
+    Returns ``{"kernel": NATIVE_DECODE or SDPA_DECODE, "measured_ms": {cache length: {kernel: ms}}}``,
+    or with SDPA and ``"native_unavailable": why`` where the kernel cannot run (not bf16, not a CPU, a
+    head dim it lacks, no AVX-512 BF16).
+    """
+    chosen = getattr(model, DECODE_CHOICE_ATTR, None)
+    if chosen is not None:
+        return chosen
+    device = torch.device(params.device)
+    _, heads, kv_heads, head_dim = _attention_geometry(model.config)
+    probe = torch.empty(params.batch, kv_heads, heads // kv_heads, head_dim, dtype=dtype, device=device)
+    why = native_attention.unsupported(probe, probe, None) or native_attention.status()
+    if why:
+        chosen = {"kernel": SDPA_DECODE, "native_unavailable": why}
+    else:
+        measured = {
+            length: {kernel: round(time_attention(model.config, length, params.batch, dtype, dtype, "decode", device,
+                                                  native=kernel == NATIVE_DECODE), 3)
+                     for kernel in (SDPA_DECODE, NATIVE_DECODE)}
+            for length in sorted({mean_cache_len(n, params.gen) for n in params.prompt_lens})
+        }
+        native = sum(ms[NATIVE_DECODE] for ms in measured.values()) < sum(ms[SDPA_DECODE] for ms in measured.values())
+        chosen = {"kernel": NATIVE_DECODE if native else SDPA_DECODE, "measured_ms": measured}
+        for module in attention_modules(model):
+            setattr(module, NATIVE_DECODE_ATTR, native)
+    setattr(model, DECODE_CHOICE_ATTR, chosen)
+    return chosen
+
+
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 GEMMs beat fp32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -291,8 +358,9 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
     candidates = attention_candidates(params.dtype, dtype, device, native_bf16_cpu())
     if progress:
         progress(f"timing attention in {', '.join(map(_name, candidates))} per prompt length")
+    native = torch.bfloat16 in candidates and choose_decode_attention(model, params, torch.bfloat16)["kernel"] == NATIVE_DECODE
     dense = {d: time_dense_linears(model, d, params.batch, device) for d in candidates} if len(candidates) > 1 else None
-    plans = plan_attention(model.config, list(params.prompt_lens), params.gen, params.batch, candidates, device, dense)
+    plans = plan_attention(model.config, list(params.prompt_lens), params.gen, params.batch, candidates, device, dense, native)
     note = install_phase_attention(model)
     return PhasePaths(model, report, params.batch, plans, dtype, note, tuple(map(_name, candidates)))
 
@@ -301,7 +369,7 @@ def fastest_paths(model: nn.Module, report: KernelReport | None, params, dtype: 
 # Where the time goes
 # --------------------------------------------------------------------------------------------
 
-ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::softmax", "aten::_softmax")
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "aten::cat", "aten::softmax", "aten::_softmax", native_attention.OP)
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", INT4_GEMV, BF16_GEMV, INT4_AMX)  # and ATen's low-bit kernels (…pack_mm…)
 
 

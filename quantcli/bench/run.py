@@ -30,7 +30,7 @@ from quantcli.bench.latency import (
     weight_bytes,
 )
 from quantcli.bench.moe import expert_call_stats, group_experts
-from quantcli.bench.paths import fastest_paths, install_phase_attention, native_bf16_cpu, profile_phases
+from quantcli.bench.paths import choose_decode_attention, fastest_paths, install_phase_attention, native_bf16_cpu, profile_phases
 from quantcli.errors import InputError
 from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
 
@@ -193,6 +193,7 @@ def bench_model(
         torch.compiler.reset()  # each model compiles afresh: no stale graphs, no recompile limit shared
         step = compiled_greedy_step(model)
     why_not = install_phase_attention(model)  # every model alike: decode reads its KV cache in place
+    kernel = choose_decode_attention(model, params, dtype) if params.fast_paths and not why_not else None
     rows = measure_prefill_decode(
         model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
@@ -209,7 +210,8 @@ def bench_model(
         "rss_bytes": current_rss_bytes(),
         "kv_cache": fp,
         **({"dense_gemv": dense_gemv} if dense_gemv is not None else {}),
-        "decode_attention": why_not or "sdpa, query heads packed per KV head (no repeat_kv copy)",
+        "decode_attention": {"packed": "query heads packed per KV head (no repeat_kv copy)", **kernel} if kernel else
+                            {"packed": why_not or "query heads packed per KV head (no repeat_kv copy)", "kernel": "sdpa"},
         "results": rows,
     }
     if int8_kv:
