@@ -112,6 +112,15 @@ def _paths_table(paths: dict) -> Table:
     return table
 
 
+def _decode_attention_line(label: str, entry: dict) -> str:
+    """Which kernel decode attention ran and why: measured ms per cache length, or why not native."""
+    why = entry.get("native_unavailable")
+    measured = "; ".join(f"{n} tokens " + ", ".join(f"{k} {ms:.2f}" for k, ms in per.items())
+                         for n, per in entry.get("measured_ms", {}).items())
+    detail = f"native kernel unavailable: {why}" if why else (f"ms per step, all layers: {measured}" if measured else entry["packed"])
+    return f"{label} decode attention: {entry['kernel']} ({detail})"
+
+
 def _print_human(result: dict) -> None:
     kernels = result["kernels"]
     if kernels is not None:
@@ -131,6 +140,8 @@ def _print_human(result: dict) -> None:
         err.print(f"note: {note}")
     if result.get("paths"):
         err.print(_paths_table(result["paths"]))
+    if result.get("decode_attention"):
+        err.print(_decode_attention_line(result["kind"], result["decode_attention"]))
     err.print(_latency_table(f"{result['kind']} on {result['device']} ({result['dtype']} activations)", result["results"]))
     if any("profile" in r for r in result["results"]):
         err.print(_profile_table("where the time goes", result["results"]))
@@ -150,6 +161,7 @@ def _print_human(result: dict) -> None:
         )
     if "baseline" in result:
         base = result["baseline"]
+        err.print(_decode_attention_line(f"baseline {base['dtype']}", base["decode_attention"]))
         err.print(_latency_table(f"baseline {base['dtype']}", base["results"]))
         if any("profile" in r for r in base["results"]):
             err.print(_profile_table(f"baseline {base['dtype']}: where the time goes", base["results"]))
