@@ -20,9 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quantcli.bench.latency import peak_memory_bytes  # noqa: E402
+from quantcli.bench.latency import interleave as interleave_runs, peak_memory_bytes  # noqa: E402
 from quantcli.bench.paths import profile_phases  # noqa: E402
-from quantcli.bench.run import DTYPES, BenchParams, _ratios, bench_model, run_bench  # noqa: E402
+from quantcli.bench.run import DTYPES, BenchParams, _ratios, bench_model, bench_model_steps, run_bench, run_bench_steps  # noqa: E402
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n"
 
@@ -77,8 +77,13 @@ def compare(
     budgets: dict[str, int] | None = None,
     profile_steps: int = 8,
     log=print,
+    interleave: bool = False,
 ) -> dict:
     """Time ``artifact`` (fastest paths) and its base model in each of ``baselines``, same process.
+
+    ``interleave``: hold every model at once and time them rep by rep in turn
+    (:func:`quantcli.bench.latency.interleave`), so a change in the machine's load hits all of them
+    alike; else one model after another (one in memory at a time).
 
     ``budgets`` maps ``"quantized"`` and baseline names to the memory budget of each KV-capacity
     estimate (default: ``params.memory_budget`` for all). Each model is profiled once at the longest
@@ -95,6 +100,8 @@ def compare(
     loaded = load_input(artifact, device="cpu")
     base_dir = loaded.base_dir
     params_q = BenchParams(**{**params.__dict__, "baseline": None, "memory_budget": budgets.get("quantized", params.memory_budget)})
+    if interleave:
+        return _compare_interleaved(loaded, params, params_q, baselines, budgets, profile_steps, log, started, load_before)
     result = run_bench(loaded, params_q, progress=progress)
     longest = max(params.prompt_lens)
     if not params.profile_steps:  # else every row already holds its own profile
@@ -118,6 +125,41 @@ def compare(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    result["peak_mem_bytes_process"] = peak_memory_bytes(device)
+    result["loadavg"] = {"before": list(load_before), "after": list(os.getloadavg())}
+    result["wall_s"] = round(time.time() - started, 1)
+    result["machine"] = machine()
+    return result
+
+
+def _compare_interleaved(loaded, params, params_q, baselines, budgets, profile_steps, log, started, load_before) -> dict:
+    """:func:`compare` with every model held at once and timed rep by rep in turn."""
+    from quantcli.models.load import load_base
+
+    import torch._dynamo
+
+    device = torch.device(params.device)
+    progress = lambda msg: log(f"  {msg}")  # noqa: E731
+    torch.compiler.reset()
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * (1 + len(baselines))))  # a graph per model and length kind
+    runs = {"quantized": run_bench_steps(loaded, params_q, progress, reset_compiler=False)}
+    budget = next(runs["quantized"])  # set up (kernels, paths), nothing timed yet
+    models = {"quantized": loaded.model}
+    for name in baselines:
+        models[name], _ = load_base(loaded.base_dir)
+        models[name].to(device=device, dtype=DTYPES[name])
+        runs[name] = bench_model_steps(models[name], params, DTYPES[name], budgets.get(name, budget), progress,
+                                       f"baseline {name}", reset_compiler=False)
+    done = interleave_runs(runs)
+    result = done["quantized"]
+    result["timing"] = f"interleaved: the quantized model and {', '.join(baselines)} held at once, timed one repetition each in turn"
+    if not params.profile_steps:
+        for name, model in models.items():
+            log(f"  profiling {name} at {max(params.prompt_lens)} tokens")
+            (result if name == "quantized" else done[name])["profile"] = profile_phases(model, max(params.prompt_lens), profile_steps, device)
+    result["baselines"] = {name: done[name] for name in baselines}
+    result["ratios"] = {name: _ratios(result, done[name]) for name in baselines}
     result["peak_mem_bytes_process"] = peak_memory_bytes(device)
     result["loadavg"] = {"before": list(load_before), "after": list(os.getloadavg())}
     result["wall_s"] = round(time.time() - started, 1)

@@ -13,7 +13,8 @@ weights instead (for a machine without the model package; latency is the same, t
 Then the w4 model (quant bench's fastest paths: for decode the int4 kernel, ATen's or quantcli::int4_gemv,
 whichever measured faster per weight shape; dequantize-per-call + dense
 bf16 for prefill from a measured token count, attention / KV-cache dtype per prompt length) and the
-unquantized model in fp32 and in bf16 are timed one after another, each profiled at every prompt
+unquantized model in fp32 and in bf16 are held at once and timed in turn, one repetition of each
+model after the other (``--sequential``: one model after another), each profiled at every prompt
 length with its own paths (linears vs attention vs dequantization vs the rest; a table per phase).
 Decode is timed eagerly and through a compiled step (``quant bench --compile-decode``: torch.compile
 over a static KV cache) for every model alike, and each uses its faster runtime per prompt length
@@ -380,6 +381,8 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled per prompt length (0: none)")
     ap.add_argument("--no-compile-decode", action="store_true",
                     help="eager decode only (default: also a compiled decode step for every model, the faster one used)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time one model after another, one in memory at a time (default: all held, timed rep by rep in turn)")
     ap.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     ap.add_argument("--micro", action="store_true", help="micro-benchmarks only (see above)")
     ap.add_argument("--out", default=None)
@@ -420,7 +423,8 @@ def main() -> None:
         device=args.device, threads=args.threads, profile_steps=args.profile_steps,
         compile_decode=not args.no_compile_decode,
     )
-    result = compare(artifact, params, ("fp32", "bf16"), log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = compare(artifact, params, ("fp32", "bf16"), log=lambda m: print(m, file=sys.stderr, flush=True),
+                     interleave=not args.sequential)
     result["input"] = rel(artifact)
     result["weights"] = "random (SmolLM2-135M architecture)" if args.random_weights and args.artifact is None else "SmolLM2-135M"
     weight_only = (result.get("spec") or {}).get("abits", 16) >= 16

@@ -12,12 +12,38 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable
+import types
+from typing import Callable, Generator
 
 import torch
 from torch import nn
 
 Progress = Callable[[str], None]
+Steps = Generator[object, None, object]  # yields between timed repetitions, returns the result
+
+
+def drain(steps: Steps) -> object:
+    """Run ``steps`` (a generator that yields between timed repetitions) to its end; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def interleave(runs: dict[str, Steps]) -> dict[str, object]:
+    """Advance each of ``runs`` one step (one timed repetition) in turn until every one has
+    returned; their results by name. Models timed this way meet the same load on a shared machine:
+    each repetition of one sits between repetitions of the others, instead of minutes apart."""
+    results, live = {}, dict(runs)
+    while live:
+        for name, steps in list(live.items()):
+            try:
+                next(steps)
+            except StopIteration as stop:
+                results[name] = stop.value
+                del live[name]
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +266,12 @@ def compiled_greedy_step(model: nn.Module) -> Callable[[torch.Tensor, torch.Tens
     one from Python (norms, rotary, residuals, cache append); the compiled step runs them as fused
     loops, with the low-bit kernels called as they are. Compile errors surface on the first call.
     """
-    return torch.compile(greedy_step(model), fullgraph=True, dynamic=None)
+    step = greedy_step(model)
+    # a code object of its own per model: dynamo keeps compiled graphs, their guards and its
+    # automatic-dynamic shape history per code object, so models timed alongside never share them
+    own = types.FunctionType(step.__code__.replace(co_name=f"greedy_step_{id(model):x}"), step.__globals__,
+                             closure=step.__closure__)
+    return torch.compile(own, fullgraph=True, dynamic=None)
 
 
 def static_cache(model: nn.Module, max_len: int):
@@ -281,22 +312,23 @@ def decode_with_step(
     return steps, torch.cat(tokens, dim=1)
 
 
-def _compiled_decode(model, ids, gen, reps, warmup, device, step, progress, length) -> dict:
-    """``decode_ms`` summary of the compiled step (after ``warmup`` untimed runs, which compile),
-    or ``{"error": the first line}`` when it cannot compile or run."""
-    try:
-        for i in range(max(1, warmup)):
-            if progress:
-                progress(f"prompt {length}: compiled decode, warm-up {i + 1} (compiles on first use)")
-            decode_with_step(model, ids, min(gen, 4), device, step)
-        means = []
-        for i in range(reps):
-            if progress:
-                progress(f"prompt {length}: compiled decode, rep {i + 1}/{reps}")
-            steps, _ = decode_with_step(model, ids, gen, device, step)
+def _compiled_decode(model, ids, gen, reps, warmup, device, step, progress, length) -> Steps:
+    """``decode_ms`` summary of the compiled step (after ``warmup`` untimed runs over a cache of the
+    timed size, which compile for it: a shorter one would leave a recompile in the first timed rep),
+    or ``{"error": the first line}`` when it cannot compile or run; yields after each timed rep."""
+    means = []
+    for i in range(max(1, warmup) + reps):
+        warm = i < max(1, warmup)
+        if progress:
+            progress(f"prompt {length}: compiled decode, " + (f"warm-up {i + 1} (compiles on first use)" if warm else f"rep {i + 1 - max(1, warmup)}/{reps}"))
+        try:
+            with torch.inference_mode():
+                steps, _ = decode_with_step(model, ids, gen, device, step)  # warm-ups too: the timed cache shape
+        except Exception as err:  # inductor reports a missing compiler, a graph break etc. with many types
+            return {"error": (str(err).strip().splitlines() or [type(err).__name__])[0][:200]}
+        if not warm:
             means.append(sum(steps) / len(steps))
-    except Exception as err:  # inductor reports a missing compiler, a graph break etc. with many types
-        return {"error": (str(err).strip().splitlines() or [type(err).__name__])[0][:200]}
+            yield
     return _summary(means, "decode_ms")
 
 
@@ -315,7 +347,12 @@ def choose_decode(row: dict, compiled: dict) -> None:
         row["decode_tok_s"] = row["batch"] / (row["decode_ms"] / 1e3)
 
 
-def measure_prefill_decode(
+def measure_prefill_decode(*args, **kwargs) -> list[dict]:
+    """:func:`prefill_decode_reps` run to its end (one model on its own)."""
+    return drain(prefill_decode_reps(*args, **kwargs))
+
+
+def prefill_decode_reps(
     model: nn.Module,
     prompt_lens: list[int],
     gen: int,
@@ -329,7 +366,7 @@ def measure_prefill_decode(
     profile: Callable[[int, Callable | None], dict] | None = None,
     make_cache: Callable[[], object] | None = None,
     compiled_step: Callable | None = None,
-) -> list[dict]:
+) -> Steps:
     """Time prefill and greedy decode for each prompt length on synthetic token ids (the KV cache
     from ``make_cache()`` when given, e.g. :func:`quantcli.bench.kvcache.int8_kv_cache`).
 
@@ -345,6 +382,9 @@ def measure_prefill_decode(
     row's ``decode_ms``, named in ``decode_path``, both kept (:func:`choose_decode`). ``profile(L,
     step)``, when given, runs after the timed reps (same configuration, ``step`` the compiled
     step where decode chose it, else None) and its result is stored as the row's ``profile``.
+
+    A generator: it yields after every timed repetition and returns the rows, so that
+    :func:`interleave` can alternate models rep by rep (:func:`measure_prefill_decode` runs it alone).
     """
     device = torch.device(device)
     vocab = _text_config(model.config).vocab_size
@@ -361,13 +401,15 @@ def measure_prefill_decode(
                 if progress:
                     progress(f"prompt {length}: warm-up {i + 1}/{warmup}")
                 generate_once(model, ids, min(gen, 4), device, make_cache)
-            for i in range(reps):
-                if progress:
-                    progress(f"prompt {length}: rep {i + 1}/{reps}")
+        for i in range(reps):
+            if progress:
+                progress(f"prompt {length}: rep {i + 1}/{reps}")
+            with torch.inference_mode():
                 prefill, steps = generate_once(model, ids, gen, device, make_cache)
-                prefills.append(prefill)
-                if steps:
-                    decodes.append(sum(steps) / len(steps))
+            prefills.append(prefill)
+            if steps:
+                decodes.append(sum(steps) / len(steps))
+            yield
         row = {"prompt_len": length, "batch": batch, "gen": gen, "reps": reps, "warmup": warmup}
         if paths is not None:
             row["paths"] = paths
@@ -377,8 +419,7 @@ def measure_prefill_decode(
             row.update(_summary(decodes, "decode_ms"))
             row["decode_tok_s"] = batch / (row["decode_ms"] / 1e3)
             if compiled_step is not None:
-                with torch.inference_mode():
-                    compiled = _compiled_decode(model, ids, gen, reps, warmup, device, compiled_step, progress, length)
+                compiled = yield from _compiled_decode(model, ids, gen, reps, warmup, device, compiled_step, progress, length)
                 choose_decode(row, compiled)
         row["peak_mem_bytes"] = peak_memory_bytes(device)
         if profile is not None:

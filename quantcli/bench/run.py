@@ -20,11 +20,13 @@ from quantcli.bench.kvcache import KV_INT8, int8_kv_cache, measured_kv_bytes_per
 from quantcli.bench.w8a8 import w8a8_builder
 from quantcli.bench.latency import (
     Progress,
+    Steps,
     compiled_greedy_step,
     current_rss_bytes,
+    drain,
     free_memory_bytes,
     kv_capacity_in_blocks,
-    measure_prefill_decode,
+    prefill_decode_reps,
     peak_memory_bytes,
     tokens_in_budget,
     weight_bytes,
@@ -170,16 +172,23 @@ def kv_capacity(model: nn.Module, make_cache, dtype: str, budget: int, weights: 
     }
 
 
-def bench_model(
+def bench_model(*args, **kwargs) -> dict:
+    """:func:`bench_model_steps` run to its end (one model on its own)."""
+    return drain(bench_model_steps(*args, **kwargs))
+
+
+def bench_model_steps(
     model: nn.Module, params: BenchParams, dtype: torch.dtype, budget: int, progress: Progress | None, label: str,
-    configure=None, int8_kv: bool = False,
-) -> dict:
+    configure=None, int8_kv: bool = False, reset_compiler: bool = True,
+) -> Steps:
     """Latency rows, weight bytes, peak memory and KV-cache room of a model already on its device.
 
     ``budget`` is the memory for weights + KV cache; the KV cache gets what the weights leave, in
     ``dtype`` (and, with ``int8_kv``, the timed int8 cache's room as ``kv_cache`` beside the
-    ``dtype`` cache's as ``kv_cache_fp``). ``configure(L)`` (see :func:`measure_prefill_decode`)
-    sets per-length paths.
+    ``dtype`` cache's as ``kv_cache_fp``). ``configure(L)`` (see :func:`prefill_decode_reps`)
+    sets per-length paths. A generator yielding after every timed repetition (see
+    :func:`quantcli.bench.latency.interleave`); ``reset_compiler=False`` keeps the compiled graphs of
+    models timed alongside.
     """
     device = torch.device(params.device)
     make_cache = (lambda: int8_kv_cache(model.config)) if int8_kv else None
@@ -190,11 +199,12 @@ def bench_model(
     if params.fast_paths and device.type == "cpu":  # every model alike: its dense bf16 linears
         dense_gemv = swap_in_dense_gemv(model, tuple(sorted({1, params.batch})))
     if params.compile_decode and not int8_kv:
-        torch.compiler.reset()  # each model compiles afresh: no stale graphs, no recompile limit shared
+        if reset_compiler:
+            torch.compiler.reset()  # each model compiles afresh: no stale graphs, no recompile limit shared
         step = compiled_greedy_step(model)
     why_not = install_phase_attention(model)  # every model alike: decode reads its KV cache in place
     kernel = choose_decode_attention(model, params, dtype) if params.fast_paths and not why_not else None
-    rows = measure_prefill_decode(
+    rows = yield from prefill_decode_reps(
         model, list(params.prompt_lens), params.gen, params.batch, params.reps, params.warmup, device,
         seed=params.seed, progress=(lambda msg: progress(f"{label}: {msg}")) if progress else None,
         configure=configure, profile=profile, make_cache=make_cache, compiled_step=step,
@@ -249,6 +259,11 @@ def _ratios(quant: dict, base: dict) -> dict:
 
 
 def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> dict:
+    """:func:`run_bench_steps` run to its end."""
+    return drain(run_bench_steps(loaded, params, progress))
+
+
+def run_bench_steps(loaded, params: BenchParams, progress: Progress | None = None, reset_compiler: bool = True) -> Steps:
     """Bench ``loaded`` (a :class:`quantcli.loading.Loaded`, model on CPU) on ``params.device``.
 
     Quantized linears are swapped for the best real kernel (see :mod:`quantcli.bench.kernels`);
@@ -257,6 +272,9 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
     same memory budget (``--memory-budget``, else free memory + this model's weights) leaves after
     the weights. Peak memory on CPU is the process's
     lifetime peak RSS, so the baseline's figure includes the quantized run.
+
+    A generator: its first yield, once the model is set up and before any timing, gives the memory
+    budget (bytes) of the capacity estimate; later ones come after every timed repetition.
     """
     device = torch.device(params.device)
     dtype = resolve_dtype(params.dtype, device)
@@ -298,6 +316,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         budget, budget_source = params.memory_budget, "--memory-budget"
     else:  # what this model could use on its own: its weights plus the device's free memory
         budget, budget_source = free_memory_bytes(device) + weight_bytes(model), f"free {device.type} memory + weights"
+    yield budget
     result = {
         "input": loaded.artifact.path.as_posix() if loaded.artifact is not None else str(loaded.base_dir),
         **describe_input(loaded),
@@ -305,7 +324,8 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
         "params": asdict(params),
         "kernels": report.to_dict() if report is not None else None,
         "memory_budget": {"bytes": budget, "source": budget_source},
-        **bench_model(model, params, dtype, budget, progress, "quantized" if report else "model", configure, int8_kv),
+        **(yield from bench_model_steps(model, params, dtype, budget, progress, "quantized" if report else "model", configure,
+                                        int8_kv, reset_compiler)),
         "env": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -326,7 +346,7 @@ def run_bench(loaded, params: BenchParams, progress: Progress | None = None) -> 
             progress(f"loading the unquantized base model ({params.baseline})")
         base, _ = load_base(base_dir)
         base.to(device=device, dtype=base_dtype)
-        baseline = bench_model(base, params, base_dtype, budget, progress, f"baseline {params.baseline}")
+        baseline = yield from bench_model_steps(base, params, base_dtype, budget, progress, f"baseline {params.baseline}")
         del base
         gc.collect()
         result["baseline"] = baseline
