@@ -20,6 +20,7 @@ from torch import nn
 
 Progress = Callable[[str], None]
 Steps = Generator[object, None, object]  # yields between timed repetitions, returns the result
+LENGTH_DONE = "length done"  # what a run yields after a prompt length's last repetition
 
 
 def drain(steps: Steps) -> object:
@@ -33,16 +34,23 @@ def drain(steps: Steps) -> object:
 
 def interleave(runs: dict[str, Steps]) -> dict[str, object]:
     """Advance each of ``runs`` one step (one timed repetition) in turn until every one has
-    returned; their results by name. Models timed this way meet the same load on a shared machine:
-    each repetition of one sits between repetitions of the others, instead of minutes apart."""
-    results, live = {}, dict(runs)
+    returned; their results by name. A run that yields :data:`LENGTH_DONE` waits there until every
+    live run has, so all models time a prompt length together. Models timed this way meet the same
+    load on a shared machine: each repetition of one sits between repetitions of the others,
+    instead of minutes apart."""
+    results, live, waiting = {}, dict(runs), set()
     while live:
         for name, steps in list(live.items()):
+            if name in waiting:
+                continue
             try:
-                next(steps)
+                if next(steps) == LENGTH_DONE:
+                    waiting.add(name)
             except StopIteration as stop:
                 results[name] = stop.value
                 del live[name]
+        if waiting >= set(live):
+            waiting.clear()
     return results
 
 
@@ -427,4 +435,5 @@ def prefill_decode_reps(
                 progress(f"prompt {length}: profiling")
             row["profile"] = profile(length, compiled_step if row.get("decode_path") == "compiled" else None)
         rows.append(row)
+        yield LENGTH_DONE
     return rows
