@@ -3,8 +3,9 @@ run's ratio, their median, and whether the median meets the target.
 
     python benchmarks/speed_summary.py RUN.json [RUN.json ...] [--out benchmarks/results/speed_summary.json]
 
-On a shared 2-core machine one run's ratios move by a third from run to run (the models are timed
-one after another, minutes apart), so a single run can meet a target by luck or miss it by bad luck.
+On a shared 2-core machine one run's ratios move from run to run (by up to a third when the models
+were timed one after another, minutes apart; less now that ``speed.py`` times them rep by rep in
+turn), so a single run can meet a target by luck or miss it by bad luck.
 Every ratio here still compares models of the same run; the runs must come from the same command
 and code (checked: their ``command`` minus ``--out``/``--plot`` must agree).
 """
