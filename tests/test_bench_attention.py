@@ -75,7 +75,10 @@ def test_unsupported_inputs_are_refused_before_the_op() -> None:
     q = torch.empty(1, 2, 3, 64, dtype=torch.bfloat16)
     assert "bf16 on the CPU" in native_attention.unsupported(q.float(), q.float(), None)
     assert "head dim 80" in native_attention.unsupported(torch.empty(1, 2, 3, 80, dtype=torch.bfloat16), q, None)
-    assert "per batch entry" in native_attention.unsupported(q, q, torch.ones(1, 3, 1, 9, dtype=torch.bool))
+    k = torch.empty(1, 2, 9, 64, dtype=torch.bfloat16)
+    assert "per batch entry" in native_attention.unsupported(q, k, torch.ones(1, 3, 1, 9, dtype=torch.bool))
+    assert "per batch entry" in native_attention.unsupported(q, k, torch.ones(1, 1, 1, 12, dtype=torch.bool))  # not one per key
+    assert native_attention.unsupported(q, k, torch.ones(1, 1, 1, 9, dtype=torch.bool)) == ""
 
 
 def _tiny_llama(dtype: torch.dtype) -> nn.Module:

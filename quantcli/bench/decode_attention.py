@@ -314,8 +314,9 @@ def unsupported(query: Tensor, key: Tensor, mask: Tensor | None) -> str:
     dim, groups = query.shape[-1], query.shape[2]
     if dim not in HEAD_DIMS or not 1 <= groups <= MAX_GROUP:
         return f"head dim {dim} (it takes {', '.join(map(str, HEAD_DIMS))}) or {groups} query heads per KV head (1-{MAX_GROUP})"
-    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, query.shape[0])):
-        return f"a mask of shape {tuple(mask.shape)} (it takes one row per batch entry, shared by the heads)"
+    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, query.shape[0])
+                             or mask.shape[3] != key.shape[2]):
+        return f"a mask of shape {tuple(mask.shape)} (it takes one row per batch entry, one value per cached key, shared by the heads)"
     return ""
 
 
