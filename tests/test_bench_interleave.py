@@ -87,3 +87,19 @@ def test_compiled_steps_of_two_models_keep_their_own_code() -> None:
         want = [latency.decode_with_step(m, ids, 3, torch.device("cpu"), latency.greedy_step(m))[1] for m in (a, b)]
         got = [latency.decode_with_step(m, ids, 3, torch.device("cpu"), s)[1] for m, s in ((a, step_a), (b, step_b))]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_kernel_choices_time_their_paths_in_turns(monkeypatch) -> None:
+    """The per-shape choices (dense threshold, GEMV, AMX) time each path once per round, in turns,
+    and keep each one's fastest: catches timing all of one path's reps before the other's, where a
+    burst of load on a shared machine picks the kernel."""
+    from torch import nn
+
+    from quantcli.bench import kernels
+
+    order, times = [], iter([5.0, 4.0, 3.0, 9.0, 4.0, 1.0])
+    monkeypatch.setattr(kernels, "time_call", lambda module, x, reps: (order.append(module.state), next(times))[1])
+    module = nn.Identity()
+    best = kernels.time_each(module, torch.zeros(1), 3, {"a": lambda: setattr(module, "state", "a"), "b": lambda: setattr(module, "state", "b")})
+    assert order == ["a", "b"] * 3
+    assert best == {"a": 3.0, "b": 1.0}

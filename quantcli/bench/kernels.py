@@ -603,12 +603,25 @@ def time_call(module: nn.Module, x: Tensor, reps: int) -> float:
     return fastest_ms(lambda: (module(x), synchronize(x.device)), reps)
 
 
+def time_each(module: nn.Module, x: Tensor, reps: int, setups: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Fastest of ``reps`` calls of ``module(x)`` in ms under each of ``setups`` (each switches the
+    module to one path), the paths taking turns (:func:`time_call` once each per round), so that a
+    burst of other load on a shared machine slows every path alike instead of deciding between
+    them. The module is left in whichever path ran last (callers restore it)."""
+    best = dict.fromkeys(setups, float("inf"))
+    for _ in range(reps):
+        for key, setup in setups.items():
+            setup()
+            best[key] = min(best[key], time_call(module, x, 1))
+    return best
+
+
 def choose_dense_threshold(
     module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TOKENS, reps: int = 3
 ) -> tuple[int | None, str, dict]:
     """From how many tokens per call ``module`` should dequantize + dense-matmul instead of its kernel.
 
-    Times the kernel and the dense path (:func:`time_call`) at each ``probe_tokens`` count (random
+    Times the kernel and the dense path in turns (:func:`time_each`) at each ``probe_tokens`` count (random
     bf16 rows) and returns ``(threshold, reason, timings)``: the smallest probed count from which
     the dense path is faster at every larger probe too, or None (kernel always) with the reason.
     Pass the token counts the model will actually be called with (every prompt length run): a
@@ -634,9 +647,10 @@ def choose_dense_threshold(
                 return None, f"unpacked weight differs from the kernel (relative error {rel:.3g})", {}
             timings: dict[str, dict[int, float]] = {"kernel_ms": {}, "dense_ms": {}}
             for m in probe_tokens:
-                for key, dense_from in (("kernel_ms", None), ("dense_ms", 0)):
-                    module.dense_from = dense_from
-                    timings[key][m] = time_call(module, x[:m], reps)
+                paths = {"kernel_ms": None, "dense_ms": 0}
+                each = time_each(module, x[:m], reps, {key: (lambda v=v: setattr(module, "dense_from", v)) for key, v in paths.items()})
+                for key, ms in each.items():
+                    timings[key][m] = ms
     finally:
         module.dense_from = saved
     wins = [timings["dense_ms"][m] < timings["kernel_ms"][m] for m in probe_tokens]
@@ -656,7 +670,7 @@ def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS
     run :data:`INT4_GEMV` instead of the ATen int4 kernel.
 
     Checks the native kernel's output against the ATen kernel's on random bf16 rows, then times both
-    (:func:`time_call`) at each of ``probe_rows`` and returns ``(upto, reason, timings)``: the largest
+    (:func:`time_each`) at each of ``probe_rows`` and returns ``(upto, reason, timings)``: the largest
     probed count up to which the native kernel was faster at every probe, or None (ATen always)
     with the reason. Pass the row counts decode will run (the batch size).
     """
@@ -710,7 +724,7 @@ def choose_amx(module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TO
     """Whether ``module`` (an :class:`Int4WeightOnlyLinear` on the CPU) should run :data:`INT4_AMX`
     instead of ATen's int4 kernel for calls of more rows than the GEMV takes (below the dense path).
 
-    Checks the AMX GEMM's output against ATen's on random bf16 rows, then times both (:func:`time_call`)
+    Checks the AMX GEMM's output against ATen's on random bf16 rows, then times both in turns (:func:`time_each`)
     at each of ``probe_tokens`` and returns ``(use, reason, timings)``: used where its total over the
     probes is smaller. The dense-prefill threshold is measured afterwards against whichever won.
     """
@@ -742,7 +756,7 @@ def _verify_and_time(
     """Check a native path against ATen's and time both on random bf16 rows. ``use_native(rows)``
     switches ``module`` to the native path for calls of up to ``rows`` rows (None: ATen's). The two
     must agree on ``verify_rows`` rows (default: the largest probe) within :data:`VERIFY_TOL`; then
-    each is timed (:func:`time_call`) at every ``probe_rows`` count. Returns ``({"aten_ms": {rows:
+    each is timed (:func:`time_each`) at every ``probe_rows`` count. Returns ``({"aten_ms": {rows:
     ms}, native_key: {rows: ms}}, "")``, or ``({}, why)`` where they disagree. The caller restores
     the module's state."""
     x = torch.randn(max(probe_rows), module.in_features, generator=torch.Generator().manual_seed(0)).to(KERNEL_DTYPE)
@@ -756,9 +770,9 @@ def _verify_and_time(
             return {}, f"{native} differs from the {aten} (relative error {rel:.3g})"
         timings: dict[str, dict[int, float]] = {"aten_ms": {}, native_key: {}}
         for m in probe_rows:
-            for key, rows in (("aten_ms", None), (native_key, m)):
-                use_native(rows)
-                timings[key][m] = time_call(module, x[:m], reps)
+            each = time_each(module, x[:m], reps, {"aten_ms": lambda: use_native(None), native_key: lambda m=m: use_native(m)})
+            for key, ms in each.items():
+                timings[key][m] = ms
     return timings, ""
 
 
