@@ -101,30 +101,31 @@ def compare(
     base_dir = loaded.base_dir
     params_q = BenchParams(**{**params.__dict__, "baseline": None, "memory_budget": budgets.get("quantized", params.memory_budget)})
     if interleave:
-        return _compare_interleaved(loaded, params, params_q, baselines, budgets, profile_steps, log, started, load_before)
-    result = run_bench(loaded, params_q, progress=progress)
-    longest = max(params.prompt_lens)
-    if not params.profile_steps:  # else every row already holds its own profile
-        log(f"  profiling quantized at {longest} tokens")
-        result["profile"] = profile_phases(loaded.model, longest, profile_steps, device)
-    del loaded
-    gc.collect()
-    result["baselines"], result["ratios"] = {}, {}
-    for name in baselines:
-        dtype = DTYPES[name]
-        model, _ = load_base(base_dir)
-        model.to(device=device, dtype=dtype)
-        budget = budgets.get(name, result["memory_budget"]["bytes"])
-        base = bench_model(model, params, dtype, budget, progress, f"baseline {name}")
-        if not params.profile_steps:
-            log(f"  profiling {name} at {longest} tokens")
-            base["profile"] = profile_phases(model, longest, profile_steps, device)
-        result["baselines"][name] = base
-        result["ratios"][name] = _ratios(result, base)
-        del model
+        result = _time_interleaved(loaded, params, params_q, baselines, budgets, profile_steps, log)
+    else:
+        result = run_bench(loaded, params_q, progress=progress)
+        longest = max(params.prompt_lens)
+        if not params.profile_steps:  # else every row already holds its own profile
+            log(f"  profiling quantized at {longest} tokens")
+            result["profile"] = profile_phases(loaded.model, longest, profile_steps, device)
+        del loaded
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        result["baselines"] = {}
+        for name in baselines:
+            dtype = DTYPES[name]
+            model, _ = load_base(base_dir)
+            model.to(device=device, dtype=dtype)
+            budget = budgets.get(name, result["memory_budget"]["bytes"])
+            base = bench_model(model, params, dtype, budget, progress, f"baseline {name}")
+            if not params.profile_steps:
+                log(f"  profiling {name} at {longest} tokens")
+                base["profile"] = profile_phases(model, longest, profile_steps, device)
+            result["baselines"][name] = base
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result["ratios"] = {name: _ratios(result, base) for name, base in result["baselines"].items()}
     result["peak_mem_bytes_process"] = peak_memory_bytes(device)
     result["loadavg"] = {"before": list(load_before), "after": list(os.getloadavg())}
     result["wall_s"] = round(time.time() - started, 1)
@@ -132,17 +133,16 @@ def compare(
     return result
 
 
-def _compare_interleaved(loaded, params, params_q, baselines, budgets, profile_steps, log, started, load_before) -> dict:
-    """:func:`compare` with every model held at once and timed rep by rep in turn."""
+def _time_interleaved(loaded, params, params_q, baselines, budgets, profile_steps, log) -> dict:
+    """The timing part of :func:`compare` with every model held at once and timed rep by rep in turn:
+    the quantized model's result with ``baselines`` filled in. Each model's compiled decode step has
+    a code object of its own (:func:`quantcli.bench.latency.compiled_greedy_step`), so dynamo's
+    per-code recompile limit is not shared between them."""
     from quantcli.models.load import load_base
-
-    import torch._dynamo
 
     device = torch.device(params.device)
     progress = lambda msg: log(f"  {msg}")  # noqa: E731
     torch.compiler.reset()
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * (1 + len(baselines))))  # a graph per model and length kind
     runs = {"quantized": run_bench_steps(loaded, params_q, progress, reset_compiler=False)}
     budget = next(runs["quantized"])  # set up (kernels, paths), nothing timed yet
     models = {"quantized": loaded.model}
@@ -159,11 +159,6 @@ def _compare_interleaved(loaded, params, params_q, baselines, budgets, profile_s
             log(f"  profiling {name} at {max(params.prompt_lens)} tokens")
             (result if name == "quantized" else done[name])["profile"] = profile_phases(model, max(params.prompt_lens), profile_steps, device)
     result["baselines"] = {name: done[name] for name in baselines}
-    result["ratios"] = {name: _ratios(result, done[name]) for name in baselines}
-    result["peak_mem_bytes_process"] = peak_memory_bytes(device)
-    result["loadavg"] = {"before": list(load_before), "after": list(os.getloadavg())}
-    result["wall_s"] = round(time.time() - started, 1)
-    result["machine"] = machine()
     return result
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from quantcli.bench import decode_attention as native_attention
 from quantcli.bench import paths
 from quantcli.bench.run import BenchParams
+from test_bench_kernels import _static_decode_logits
 
 
 def _native_or_skip() -> None:
@@ -91,25 +92,6 @@ def _tiny_llama(dtype: torch.dtype) -> nn.Module:
     return LlamaForCausalLM(config).eval().to(dtype)
 
 
-def _decode_logits(model: nn.Module, ids: torch.Tensor, steps: int, step=None) -> torch.Tensor:
-    """Logits of ``steps`` greedy decode steps over a static cache (``step``: a compiled greedy step,
-    which returns tokens only: then the tokens)."""
-    from quantcli.bench.latency import cache_kwarg, position_kwargs, prefill_static
-
-    token, cache = prefill_static(model, ids, ids.shape[1] + steps)
-    out = []
-    for i in range(steps):
-        position = torch.tensor([ids.shape[1] + i])
-        if step is not None:
-            token = step(token, position, cache)
-            out.append(token[0, 0].float())
-            continue
-        logits = model(input_ids=token, use_cache=True, **position_kwargs(model, position), **{cache_kwarg(model): cache}).logits[:, -1]
-        out.append(logits[0].float())
-        token = logits.argmax(-1, keepdim=True)
-    return torch.stack(out)
-
-
 def test_native_decode_gives_the_logits_of_eager_attention(monkeypatch) -> None:
     """A bf16 model decoding through the native kernel (4 query heads over 2 KV heads, head dim 64)
     gives transformers' eager attention's logits to bf16 precision, and the kernel ran at every
@@ -127,8 +109,8 @@ def test_native_decode_gives_the_logits_of_eager_attention(monkeypatch) -> None:
     monkeypatch.setattr(native_attention, "decode_attention", lambda *a: (calls.append(1), orig(*a))[1])
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        want = _decode_logits(ref_model, ids, 4)
-        got = _decode_logits(model, ids, 4)
+        want = _static_decode_logits(ref_model, ids, 4).float()
+        got = _static_decode_logits(model, ids, 4).float()
     assert len(calls) == 4 * 2
     assert float((got - want).norm() / want.norm()) < 2e-2
 
@@ -137,8 +119,9 @@ def test_native_decode_runs_inside_a_compiled_step() -> None:
     """The op traces into a whole-graph compiled decode step (its fake kernel gives the shape; a graph
     break raises), runs there at every layer, and decodes the tokens the eager model decodes."""
     _native_or_skip()
-    from quantcli.bench.latency import compiled_greedy_step
+    from quantcli.bench.latency import compiled_greedy_step, decode_with_step
 
+    cpu = torch.device("cpu")
     model = _tiny_llama(torch.bfloat16)
     assert paths.install_phase_attention(model) == ""
     for module in paths.attention_modules(model):
@@ -146,13 +129,13 @@ def test_native_decode_runs_inside_a_compiled_step() -> None:
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
     torch.compiler.reset()
     with torch.inference_mode():
-        eager = _decode_logits(model, ids, 3).argmax(-1)
+        eager = _static_decode_logits(model, ids, 3).argmax(-1)
         step = compiled_greedy_step(model)
-        _decode_logits(model, ids, 1, step=step)  # compiles
-        _decode_logits(model, ids, 3, step=step)  # compiles again, the cache length dynamic
+        decode_with_step(model, ids, 1, cpu, step)  # compiles
+        decode_with_step(model, ids, 3, cpu, step)  # compiles again, the cache length dynamic
         with torch.profiler.profile() as prof:
-            compiled = _decode_logits(model, ids, 3, step=step)
-    assert torch.equal(compiled, eager.float())
+            compiled = decode_with_step(model, ids, 3, cpu, step)[1][0]
+    assert torch.equal(compiled, eager)
     assert sum(ev.count for ev in prof.key_averages() if ev.key == native_attention.OP) == 3 * 2
 
 

@@ -100,6 +100,7 @@ def test_kernel_choices_time_their_paths_in_turns(monkeypatch) -> None:
     order, times = [], iter([5.0, 4.0, 3.0, 9.0, 4.0, 1.0])
     monkeypatch.setattr(kernels, "time_call", lambda module, x, reps: (order.append(module.state), next(times))[1])
     module = nn.Identity()
-    best = kernels.time_each(module, torch.zeros(1), 3, {"a": lambda: setattr(module, "state", "a"), "b": lambda: setattr(module, "state", "b")})
+    best = kernels.time_paths(module, torch.zeros(1), (1,), 3,
+                              {"a": lambda m: setattr(module, "state", "a"), "b": lambda m: setattr(module, "state", "b")})
     assert order == ["a", "b"] * 3
-    assert best == {"a": 3.0, "b": 1.0}
+    assert best == {"a": {1: 3.0}, "b": {1: 1.0}}

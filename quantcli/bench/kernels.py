@@ -603,17 +603,21 @@ def time_call(module: nn.Module, x: Tensor, reps: int) -> float:
     return fastest_ms(lambda: (module(x), synchronize(x.device)), reps)
 
 
-def time_each(module: nn.Module, x: Tensor, reps: int, setups: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """Fastest of ``reps`` calls of ``module(x)`` in ms under each of ``setups`` (each switches the
-    module to one path), the paths taking turns (:func:`time_call` once each per round), so that a
-    burst of other load on a shared machine slows every path alike instead of deciding between
-    them. The module is left in whichever path ran last (callers restore it)."""
-    best = dict.fromkeys(setups, float("inf"))
-    for _ in range(reps):
-        for key, setup in setups.items():
-            setup()
-            best[key] = min(best[key], time_call(module, x, 1))
-    return best
+def time_paths(
+    module: nn.Module, x: Tensor, probe_rows: tuple[int, ...], reps: int, setups: dict[str, Callable[[int], None]]
+) -> dict[str, dict[int, float]]:
+    """``{key: {rows: ms}}``: the fastest of ``reps`` calls of ``module(x[:rows])`` at each of
+    ``probe_rows`` under each of ``setups`` (``setups[key](rows)`` switches the module to one path),
+    the paths taking turns (:func:`time_call` once each per round), so that a burst of other load on
+    a shared machine slows every path alike instead of deciding between them. The module is left in
+    whichever path ran last (callers restore it)."""
+    timings: dict[str, dict[int, float]] = {key: {} for key in setups}
+    for m in probe_rows:
+        for _ in range(reps):
+            for key, setup in setups.items():
+                setup(m)
+                timings[key][m] = min(timings[key].get(m, float("inf")), time_call(module, x[:m], 1))
+    return timings
 
 
 def choose_dense_threshold(
@@ -621,7 +625,7 @@ def choose_dense_threshold(
 ) -> tuple[int | None, str, dict]:
     """From how many tokens per call ``module`` should dequantize + dense-matmul instead of its kernel.
 
-    Times the kernel and the dense path in turns (:func:`time_each`) at each ``probe_tokens`` count (random
+    Times the kernel and the dense path in turns (:func:`time_paths`) at each ``probe_tokens`` count (random
     bf16 rows) and returns ``(threshold, reason, timings)``: the smallest probed count from which
     the dense path is faster at every larger probe too, or None (kernel always) with the reason.
     Pass the token counts the model will actually be called with (every prompt length run): a
@@ -645,12 +649,8 @@ def choose_dense_threshold(
             rel = float((module(x[:4]).float() - ref).norm() / ref.norm().clamp(min=1e-12))
             if not rel <= VERIFY_TOL:
                 return None, f"unpacked weight differs from the kernel (relative error {rel:.3g})", {}
-            timings: dict[str, dict[int, float]] = {"kernel_ms": {}, "dense_ms": {}}
-            for m in probe_tokens:
-                paths = {"kernel_ms": None, "dense_ms": 0}
-                each = time_each(module, x[:m], reps, {key: (lambda v=v: setattr(module, "dense_from", v)) for key, v in paths.items()})
-                for key, ms in each.items():
-                    timings[key][m] = ms
+            timings = time_paths(module, x, probe_tokens, reps, {"kernel_ms": lambda m: setattr(module, "dense_from", None),
+                                                                 "dense_ms": lambda m: setattr(module, "dense_from", 0)})
     finally:
         module.dense_from = saved
     wins = [timings["dense_ms"][m] < timings["kernel_ms"][m] for m in probe_tokens]
@@ -670,7 +670,7 @@ def choose_gemv(module: nn.Module, probe_rows: tuple[int, ...] = GEMV_PROBE_ROWS
     run :data:`INT4_GEMV` instead of the ATen int4 kernel.
 
     Checks the native kernel's output against the ATen kernel's on random bf16 rows, then times both
-    (:func:`time_each`) at each of ``probe_rows`` and returns ``(upto, reason, timings)``: the largest
+    (:func:`time_paths`) at each of ``probe_rows`` and returns ``(upto, reason, timings)``: the largest
     probed count up to which the native kernel was faster at every probe, or None (ATen always)
     with the reason. Pass the row counts decode will run (the batch size).
     """
@@ -724,7 +724,7 @@ def choose_amx(module: nn.Module, probe_tokens: tuple[int, ...] = DENSE_PROBE_TO
     """Whether ``module`` (an :class:`Int4WeightOnlyLinear` on the CPU) should run :data:`INT4_AMX`
     instead of ATen's int4 kernel for calls of more rows than the GEMV takes (below the dense path).
 
-    Checks the AMX GEMM's output against ATen's on random bf16 rows, then times both in turns (:func:`time_each`)
+    Checks the AMX GEMM's output against ATen's on random bf16 rows, then times both in turns (:func:`time_paths`)
     at each of ``probe_tokens`` and returns ``(use, reason, timings)``: used where its total over the
     probes is smaller. The dense-prefill threshold is measured afterwards against whichever won.
     """
@@ -756,7 +756,7 @@ def _verify_and_time(
     """Check a native path against ATen's and time both on random bf16 rows. ``use_native(rows)``
     switches ``module`` to the native path for calls of up to ``rows`` rows (None: ATen's). The two
     must agree on ``verify_rows`` rows (default: the largest probe) within :data:`VERIFY_TOL`; then
-    each is timed (:func:`time_each`) at every ``probe_rows`` count. Returns ``({"aten_ms": {rows:
+    each is timed (:func:`time_paths`) at every ``probe_rows`` count. Returns ``({"aten_ms": {rows:
     ms}, native_key: {rows: ms}}, "")``, or ``({}, why)`` where they disagree. The caller restores
     the module's state."""
     x = torch.randn(max(probe_rows), module.in_features, generator=torch.Generator().manual_seed(0)).to(KERNEL_DTYPE)
@@ -768,11 +768,7 @@ def _verify_and_time(
         rel = float((module(check).float() - ref).norm() / ref.norm().clamp(min=1e-12))
         if not rel <= VERIFY_TOL:
             return {}, f"{native} differs from the {aten} (relative error {rel:.3g})"
-        timings: dict[str, dict[int, float]] = {"aten_ms": {}, native_key: {}}
-        for m in probe_rows:
-            each = time_each(module, x[:m], reps, {"aten_ms": lambda: use_native(None), native_key: lambda m=m: use_native(m)})
-            for key, ms in each.items():
-                timings[key][m] = ms
+        timings = time_paths(module, x, probe_rows, reps, {"aten_ms": lambda m: use_native(None), native_key: use_native})
     return timings, ""
 
 

@@ -32,7 +32,7 @@ from quantcli.bench.latency import (
     weight_bytes,
 )
 from quantcli.bench.moe import expert_call_stats, group_experts
-from quantcli.bench.paths import choose_decode_attention, fastest_paths, install_phase_attention, native_bf16_cpu, profile_phases
+from quantcli.bench.paths import SDPA_DECODE, choose_decode_attention, fastest_paths, install_phase_attention, native_bf16_cpu, profile_phases
 from quantcli.errors import InputError
 from quantcli.pack.checkpoint import BASE_CONFIG_SHA256, BASE_MODEL, packed_info
 
@@ -220,8 +220,8 @@ def bench_model_steps(
         "rss_bytes": current_rss_bytes(),
         "kv_cache": fp,
         **({"dense_gemv": dense_gemv} if dense_gemv is not None else {}),
-        "decode_attention": {"packed": "query heads packed per KV head (no repeat_kv copy)", **kernel} if kernel else
-                            {"packed": why_not or "query heads packed per KV head (no repeat_kv copy)", "kernel": "sdpa"},
+        "decode_attention": {"packed": why_not or "query heads packed per KV head (no repeat_kv copy)",
+                             **(kernel or {"kernel": SDPA_DECODE})},
         "results": rows,
     }
     if int8_kv:
