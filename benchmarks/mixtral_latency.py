@@ -1,7 +1,7 @@
 """The seed's Mixtral latency study, scaled to this machine: W4A16 (RTN w4g128) vs bf16 vs fp32.
 
     python benchmarks/mixtral_latency.py [--scale quarter|tiny] [--prompt-lens 100,1000,2000,4000]
-                                         [--gen 16] [--reps 2] [--device cpu|cuda]
+                                         [--gen 16] [--reps 2] [--device cpu|cuda] [--sequential]
                                          [--out benchmarks/results/mixtral_latency.json]
 
 The seed compared Mixtral-8x7B W4A16 on one 80 GB GPU with bf16 on two: time to first token and
@@ -16,7 +16,9 @@ with random weights in Mixtral-8x7B's proportions (8 experts, top-2, intermediat
 
 It quantizes it with ``quant rtn --w4 --group 128`` and times the W4 model (experts grouped by
 expert through the int4 kernel, router unquantized, fastest path per phase) and the unquantized
-model in bf16 and fp32 in the same process. KV capacity in the seed's terms: one "device" holds
+model in bf16 and fp32 in the same process: held at once and timed one repetition each in turn, so
+the machine's load hits all three alike (``--sequential``: one model after another, one in memory at
+a time). KV capacity in the seed's terms: one "device" holds
 80/93.4 of the bf16 weights (Mixtral-8x7B is 93.4 GB in bf16 on an 80 GB GPU); the W4 model gets
 one device, bf16 and fp32 get two. Writes the table, every linear's kernel and the machine's load.
 """
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mixtral_latency.json"))
+    ap.add_argument("--sequential", action="store_true", help="time one model after another instead of rep by rep in turn")
     args = ap.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -80,7 +83,7 @@ def main() -> None:
         prompt_lens=tuple(int(x) for x in args.prompt_lens.split(",")), gen=args.gen, reps=args.reps, warmup=1,
         device=args.device, threads=args.threads,
     )
-    result = compare(artifact, params, ("bf16", "fp32"), budgets=budgets, log=log)
+    result = compare(artifact, params, ("bf16", "fp32"), budgets=budgets, log=log, interleave=not args.sequential)
     result["input"] = rel(artifact)
     result["model"] = {
         "architecture": "MixtralForCausalLM, random weights",

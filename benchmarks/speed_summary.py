@@ -20,7 +20,8 @@ from pathlib import Path
 
 from _quant import ROOT, rel
 
-BOUNDS = ("bound_if_linears_free", "bound_if_linears_read_at_baselines_bandwidth", "bound_if_linears_as_fast_as_baselines")
+BOUNDS = ("bound_if_linears_free", "bound_if_linears_read_at_baselines_bandwidth", "bound_if_linears_as_fast_as_baselines",
+          "bound_if_baselines_time_minus_weight_reads")
 
 
 def _command(run: dict) -> str:
@@ -37,7 +38,8 @@ def _command(run: dict) -> str:
 
 def summarize(runs: dict[str, dict]) -> dict:
     """``{length: {target: {ratios, median, min, max, target, met_by_median, met_in_runs}}}`` plus
-    the median of each ``why_missed`` bound over the runs that missed."""
+    the median of each ``why_missed`` bound over the runs that missed and, where every run kept
+    per-rep times, each run's paired median ratio and how many reps met the target over all runs."""
     commands = {_command(run) for run in runs.values()}
     if len(commands) != 1:
         raise SystemExit(f"the runs come from different commands: {sorted(commands)}")
@@ -52,6 +54,11 @@ def summarize(runs: dict[str, dict]) -> dict:
                 "target": check["target"], "met_by_median": median >= check["target"],
                 "met_in_runs": sum(run["targets"][length][key]["met"] for run in runs.values()),
             }
+            reps_met = [run["targets"][length][key].get("reps_met") for run in runs.values()]
+            if all(reps_met):  # every run kept paired per-rep ratios: pool their counts
+                met, total = (sum(int(r.split("/")[i]) for r in reps_met) for i in (0, 1))
+                row["reps_met"] = f"{met}/{total}"
+                row["paired_medians"] = [run["targets"][length][key]["paired_median"] for run in runs.values()]
             for bound in BOUNDS:
                 values = [run["why_missed"][length][key][bound] for run in runs.values()
                           if bound in run.get("why_missed", {}).get(length, {}).get(key, {})]
@@ -80,7 +87,8 @@ def main() -> None:
         for key, row in checks.items():
             ratios = ", ".join(f"{r:.2f}" for r in row["ratios"])
             print(f"{length:>6} {key:<16} {ratios:<24} {row['median']:>7.2f} {row['target']:>5}  "
-                  f"{'yes' if row['met_by_median'] else 'NO'}; {row['met_in_runs']}/{len(row['ratios'])}")
+                  f"{'yes' if row['met_by_median'] else 'NO'}; {row['met_in_runs']}/{len(row['ratios'])}"
+                  + (f"; reps {row['reps_met']}" if "reps_met" in row else ""))
     print(f"\nwrote {rel(args.out)}")
 
 

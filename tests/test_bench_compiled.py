@@ -52,7 +52,8 @@ def test_compiled_decode_writes_generates_cache_and_tokens_through_the_int4_kern
 
 
 def _decode(decode_ms: float) -> dict:
-    return {"decode_ms": decode_ms, "decode_ms_min": decode_ms - 1, "decode_ms_max": decode_ms + 1, "decode_ms_std": 0.5}
+    return {"decode_ms": decode_ms, "decode_ms_min": decode_ms - 1, "decode_ms_max": decode_ms + 1, "decode_ms_std": 0.5,
+            "decode_ms_reps": [decode_ms - 1, decode_ms, decode_ms + 1]}
 
 
 @pytest.mark.parametrize("eager_ms, compiled_ms, path", [(10.0, 4.0, "compiled"), (4.0, 10.0, "eager")])
@@ -61,6 +62,7 @@ def test_the_faster_decode_runtime_is_the_rows_and_both_are_kept(eager_ms, compi
     choose_decode(row, _decode(compiled_ms))
     assert row["decode_path"] == path
     assert row["decode_ms"] == min(eager_ms, compiled_ms) and row["decode_ms_min"] == min(eager_ms, compiled_ms) - 1
+    assert row["decode_ms_reps"] == _decode(min(eager_ms, compiled_ms))["decode_ms_reps"]  # pairs with the chosen runtime's reps
     assert row["decode_tok_s"] == pytest.approx(1e3 / min(eager_ms, compiled_ms))
     assert row["decode_eager"]["decode_ms"] == eager_ms and row["decode_compiled"]["decode_ms"] == compiled_ms
 

@@ -195,13 +195,15 @@ def kv_capacity_in_blocks(capacity_tokens: int, block: int = KV_BLOCK_TOKENS, re
 
 
 def _summary(values: list[float], prefix: str) -> dict:
-    """``{prefix}: median, {prefix}_min, _max, _std`` of ``values`` (seconds → milliseconds)."""
+    """``{prefix}: median, {prefix}_min, _max, _std`` of ``values`` (seconds → milliseconds), and
+    ``{prefix}_reps``: every repetition in the order timed (to pair with another model's)."""
     ms = [v * 1e3 for v in values]
     return {
         prefix: statistics.median(ms),
         f"{prefix}_min": min(ms),
         f"{prefix}_max": max(ms),
         f"{prefix}_std": statistics.stdev(ms) if len(ms) > 1 else 0.0,
+        f"{prefix}_reps": [round(m, 3) for m in ms],
     }
 
 
@@ -340,7 +342,7 @@ def _compiled_decode(model, ids, gen, reps, warmup, device, step, progress, leng
     return _summary(means, "decode_ms")
 
 
-DECODE_KEYS = ("decode_ms", "decode_ms_min", "decode_ms_max", "decode_ms_std")
+DECODE_KEYS = ("decode_ms", "decode_ms_min", "decode_ms_max", "decode_ms_std", "decode_ms_reps")
 
 
 def choose_decode(row: dict, compiled: dict) -> None:

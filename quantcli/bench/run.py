@@ -243,13 +243,27 @@ def kv_cache_plan(loaded, params: BenchParams) -> tuple[bool, list[str]]:
     return False, []
 
 
+def paired_speedups(base_reps: list[float] | None, quant_reps: list[float] | None) -> list[float] | None:
+    """Baseline / quantized time of each repetition with the same index: when the models were timed
+    in turn (:func:`quantcli.bench.latency.interleave`), rep ``i`` of each ran back to back, under
+    the same load, so the spread of these ratios is the run's own noise. None when either side has
+    no per-rep times or their counts differ."""
+    if not base_reps or not quant_reps or len(base_reps) != len(quant_reps):
+        return None
+    return [round(b / q, 4) for b, q in zip(base_reps, quant_reps)]
+
+
 def _ratios(quant: dict, base: dict) -> dict:
-    """Baseline / quantized time ratios (> 1 means the quantized model is faster)."""
+    """Baseline / quantized time ratios (> 1 means the quantized model is faster): of the medians,
+    and per repetition (``*_speedup_reps``, :func:`paired_speedups`)."""
     per_len = []
     for q, b in zip(quant["results"], base["results"]):
         row = {"prompt_len": q["prompt_len"], "prefill_speedup": b["prefill_ms"] / q["prefill_ms"]}
+        paired = {"prefill_speedup_reps": paired_speedups(b.get("prefill_ms_reps"), q.get("prefill_ms_reps"))}
         if "decode_ms" in q and "decode_ms" in b:
             row["decode_speedup"] = b["decode_ms"] / q["decode_ms"]
+            paired["decode_speedup_reps"] = paired_speedups(b.get("decode_ms_reps"), q.get("decode_ms_reps"))
+        row.update({k: v for k, v in paired.items() if v is not None})
         per_len.append(row)
     return {
         "weight_bytes_ratio": quant["weight_bytes"] / base["weight_bytes"],
