@@ -69,6 +69,11 @@ TARGETS = {"decode_vs_fp32": 2.0, "decode_vs_bf16": 1.2, "ttft_vs_bf16": 1.0}  #
 TARGETS_WA = {"ttft_vs_fp32": 1.0}  # a weight-activation (W8A8) artifact: prefill faster than fp32 (issue #13)
 
 
+def weight_only(result: dict) -> bool:
+    """Whether the timed artifact quantizes weights only (W4A16 and the like), not activations."""
+    return (result.get("spec") or {}).get("abits", 16) >= 16
+
+
 def check_targets(result: dict, targets: dict[str, float]) -> dict:
     """Per prompt length, the measured ratio (of the models' median times) and whether it meets
     ``targets``; with per-rep times, also the paired per-rep ratios (rep ``i`` of each model, timed
@@ -101,11 +106,11 @@ def explain_misses(result: dict) -> dict:
     cost. ``bound`` is the ratio the target asks for, were the quantized linears and their unpacking
     free; below the target, no faster kernel reaches it on this machine with this eager runtime.
 
-    For time to first token also the bound physics sets on any W4A16 kernel: it does the baseline's
-    bf16 multiply-adds on the same matrix unit, so 4-bit weights can save only the time the baseline
-    spends reading the weight bytes they do not store (at the bandwidth the baseline's linears reach
-    in its decode steps of this run: an upper bound on the saving, as a prefill reads each weight
-    once, from memory or cache). ``bound_if_baselines_time_minus_weight_reads`` is the baseline's
+    For time to first token of a weight-only artifact also the bound physics sets on any W4A16
+    kernel: it does the baseline's bf16 multiply-adds on the same matrix unit, so 4-bit weights can
+    save only the time the baseline spends reading the weight bytes they do not store (at the
+    bandwidth the baseline's linears reach in its decode steps of this run: an upper bound on the
+    saving, as a prefill reads each weight once, from memory or cache). ``bound_if_baselines_time_minus_weight_reads`` is the baseline's
     time over that time minus the saving: the ratio a perfect int4 GEMM would reach."""
     models = {"w4": result["results"], **{n: b["results"] for n, b in result["baselines"].items()}}
     rows = {name: {r["prompt_len"]: r for r in rs} for name, rs in models.items()}
@@ -147,18 +152,23 @@ def explain_misses(result: dict) -> dict:
                 base_prof = b["profile"]["prefill"]
                 base_linears = timed_b * base_prof["matmul_ms"] / base_prof["wall_ms"]
                 as_bf16 = timed_b / (rest_ms + base_linears)
-                saved = max(0.0, base_bytes - result["weight_bytes"]) / gb_s / 1e6
-                perfect = timed_b / max(timed_b - saved, 1e-9)
                 out[length][key].update({
                     "baseline_linears_ms": round(base_linears, 2),
                     "bound_if_linears_as_fast_as_baselines": round(as_bf16, 3),
                     "needs_int4_gemm_faster_than_dense": as_bf16 < check["target"],
+                })
+                if not weight_only(result):  # int8 activations change the multiply-adds: no such bound
+                    continue
+                saved = max(0.0, base_bytes - result["weight_bytes"]) / gb_s / 1e6
+                perfect = timed_b / max(timed_b - saved, 1e-9)
+                out[length][key].update({
                     "weight_read_saving_ms": round(saved, 2),
                     "bound_if_baselines_time_minus_weight_reads": round(perfect, 3),
                     "reachable_by_kernels": perfect >= check["target"],  # free linears are not a W4A16 kernel
                 })
-                if "paired_min" in check:  # the perfect kernel's margin against this run's per-rep spread
-                    out[length][key]["margin_within_rep_spread"] = perfect - 1 < (check["paired_max"] - check["paired_min"]) / 2
+                if "paired_min" in check:  # the perfect kernel's margin over the target against this run's per-rep spread
+                    spread = (check["paired_max"] - check["paired_min"]) / 2
+                    out[length][key]["margin_within_rep_spread"] = perfect - check["target"] < spread
     return out
 
 
@@ -463,8 +473,7 @@ def main() -> None:
                      interleave=not args.sequential)
     result["input"] = rel(artifact)
     result["weights"] = "random (SmolLM2-135M architecture)" if args.random_weights and args.artifact is None else "SmolLM2-135M"
-    weight_only = (result.get("spec") or {}).get("abits", 16) >= 16
-    result["targets"] = check_targets(result, TARGETS if weight_only else TARGETS_WA)
+    result["targets"] = check_targets(result, TARGETS if weight_only(result) else TARGETS_WA)
     result["why_missed"] = explain_misses(result)
     result["command"] = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

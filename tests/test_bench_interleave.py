@@ -127,22 +127,16 @@ def test_paired_ratios_pair_reps_in_the_order_timed(monkeypatch) -> None:
     assert row["decode_speedup_reps"] == [1.0, 1.0, 1.0]
 
 
-def _speed_report():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import speed
-
-    return speed
-
-
-def test_speed_report_pairs_reps_and_bounds_a_w4a16_prefill_by_its_weight_reads() -> None:
+def test_speed_report_pairs_reps_and_bounds_a_w4a16_prefill_by_its_weight_reads(monkeypatch) -> None:
     """benchmarks/speed.py on a made-up run: the target check counts the paired reps, and a missed
     TTFT gets the ratio a perfect int4 GEMM would reach, the bf16 baseline's time less reading the
     weight bytes 4 bits do not store (at the bandwidth its decode linears reach): catches a bound
     from the w4 model's bytes instead of the saved ones, or from the prefill's bandwidth."""
-    speed = _speed_report()
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import speed
+
     profile = lambda prefill_matmul, decode_matmul: {  # noqa: E731
         "prefill": {"wall_ms": 100.0, "matmul_ms": prefill_matmul, "dequantize_ms": 0.0},
         "decode_per_step": {"wall_ms": 20.0, "matmul_ms": decode_matmul, "dequantize_ms": 0.0}}
@@ -170,3 +164,7 @@ def test_speed_report_pairs_reps_and_bounds_a_w4a16_prefill_by_its_weight_reads(
     assert m["weight_read_saving_ms"] == pytest.approx(180 / 27, abs=0.01)
     assert m["bound_if_baselines_time_minus_weight_reads"] == pytest.approx(1000 / (1000 - 180 / 27), abs=1e-3)
     assert m["reachable_by_kernels"] and m["margin_within_rep_spread"]
+    # int8 activations (a W8A8 artifact) change the multiply-adds: no W4A16 bound, the free-linears verdict stays
+    result["spec"] = {"abits": 8}
+    m8 = speed.explain_misses(result)["1000"]["ttft_vs_bf16"]
+    assert "bound_if_baselines_time_minus_weight_reads" not in m8 and m8["reachable_by_kernels"] == (m8["bound_if_linears_free"] >= 1.0)
